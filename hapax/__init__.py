@@ -1,0 +1,44 @@
+"""Hapax: the core of an LLM gateway. What a request means; no sockets of its own."""
+
+from ._config import Config, ConfigError, config_schema, default_config, load_config, parse_config
+from ._errors import HapaxError
+from ._gateway import Gateway
+from ._http import Request, Response
+from ._metrics import GatewayMetrics
+from ._transport import (
+    ConnectError,
+    ConnectTimeout,
+    FirstByteTimeout,
+    ReadError,
+    StreamIdleTimeout,
+    Transport,
+    TransportError,
+    UpstreamRequest,
+    UpstreamResponse,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConnectError",
+    "ConnectTimeout",
+    "FirstByteTimeout",
+    "Gateway",
+    "GatewayMetrics",
+    "HapaxError",
+    "ReadError",
+    "Request",
+    "Response",
+    "StreamIdleTimeout",
+    "Transport",
+    "TransportError",
+    "UpstreamRequest",
+    "UpstreamResponse",
+    "__version__",
+    "config_schema",
+    "default_config",
+    "load_config",
+    "parse_config",
+]

@@ -1,0 +1,236 @@
+"""Configuration: typed, validated, immutable.
+
+Theory of operation: a config file is YAML. Strings may hold ``${VAR}`` or
+``${VAR:-default}``; these are expanded from the environment *after* YAML
+parsing, so a value can never change the document's structure. Unknown keys
+are errors that name their path. A validated ``Config`` is frozen; a reload
+builds a new one and swaps it in whole.
+
+Units are in field names or docstrings: seconds unless ``_ms``/``_bytes``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from ._errors import ConfigError
+
+#: Large enough for multimodal prompts with inline images, small enough to bound memory.
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+#: Kubernetes' default terminationGracePeriodSeconds is 30; stay inside it.
+DEFAULT_SHUTDOWN_GRACE = 25.0
+
+ProviderType = Literal["openai", "azure-openai", "anthropic", "gemini", "mock"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Model):
+    """Upstream timeouts, in seconds."""
+
+    connect: float = Field(5.0, gt=0, description="TCP+TLS connect, seconds")
+    first_byte: float = Field(60.0, gt=0, description="until response headers, seconds")
+    total: float = Field(600.0, gt=0, description="whole request incl. stream, seconds")
+    stream_idle: float = Field(60.0, gt=0, description="max gap between stream chunks, seconds")
+
+
+class MockSettings(_Model):
+    """Behaviour of a ``mock`` provider: deterministic, for demos and tests."""
+
+    latency_ms: float = Field(0.0, ge=0, description="delay before the first byte")
+    chunk_delay_ms: float = Field(0.0, ge=0, description="delay between stream chunks")
+    failure_rate: float = Field(0.0, ge=0, le=1, description="share of calls that fail")
+    failure_status: int = Field(500, ge=400, le=599)
+    reply: str | None = Field(None, description="fixed reply text; default echoes the prompt")
+    embedding_dimensions: int = Field(8, ge=1, le=4096)
+
+
+class ProviderConfig(_Model):
+    type: ProviderType
+    base_url: str | None = Field(None, description="upstream base URL; type default if unset")
+    api_key: SecretStr | None = None
+    headers: dict[str, str] = Field(default_factory=dict, description="extra upstream headers")
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    pool_size: int = Field(100, ge=1, le=10000, description="max pooled connections")
+    api_version: str | None = Field(None, description="azure-openai api-version")
+    anthropic_version: str = "2023-06-01"
+    mock: MockSettings = Field(default_factory=MockSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> ProviderConfig:
+        if self.type == "azure-openai" and not self.base_url:
+            raise ValueError("azure-openai needs base_url (https://NAME.openai.azure.com)")
+        if self.base_url and not re.match(r"^https?://[^\s/]+", self.base_url):
+            raise ValueError(f"base_url must be an http(s) URL, got {self.base_url!r}")
+        return self
+
+
+class Deployment(_Model):
+    """One place a public model can be served: a provider and its model name."""
+
+    provider: str
+    model: str = Field(description="the model name the provider knows")
+    weight: float = Field(1.0, gt=0)
+    priority: int = Field(0, ge=0, description="lower is tried first by failover")
+
+
+class ModelConfig(_Model):
+    name: str = Field(min_length=1, description="public model name clients send")
+    aliases: tuple[str, ...] = ()
+    provider: str | None = Field(None, description="shorthand for a single deployment")
+    model: str | None = Field(None, description="upstream name for the shorthand")
+    deployments: tuple[Deployment, ...] = ()
+    owned_by: str = "hapax"
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ModelConfig:
+        if self.provider and self.deployments:
+            raise ValueError("give either provider/model or deployments, not both")
+        if not self.provider and not self.deployments:
+            raise ValueError("needs provider (and optional model) or deployments")
+        if self.provider:
+            dep = Deployment(provider=self.provider, model=self.model or self.name)
+            object.__setattr__(self, "deployments", (dep,))
+        return self
+
+
+class CORSConfig(_Model):
+    enabled: bool = False
+    allow_origins: tuple[str, ...] = ("*",)
+    allow_methods: tuple[str, ...] = ("GET", "POST", "OPTIONS")
+    allow_headers: tuple[str, ...] = (
+        "authorization",
+        "content-type",
+        "x-api-key",
+        "anthropic-version",
+        "x-request-id",
+    )
+    expose_headers: tuple[str, ...] = ("x-request-id", "server-timing")
+    max_age: int = Field(600, ge=0, description="seconds")
+
+
+class ServerConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    shutdown_grace: float = Field(DEFAULT_SHUTDOWN_GRACE, ge=0, description="seconds")
+    cors: CORSConfig = Field(default_factory=CORSConfig)
+    reload_interval: float = Field(2.0, gt=0, description="config file poll period, seconds")
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True
+    #: Prompt and completion bodies are private; they reach logs only when asked.
+    log_bodies: bool = False
+
+
+class Config(_Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    models: tuple[ModelConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Config:
+        seen: dict[str, str] = {}
+        for i, m in enumerate(self.models):
+            for dep in m.deployments:
+                if dep.provider not in self.providers:
+                    raise ValueError(
+                        f"models[{i}] ({m.name}): unknown provider {dep.provider!r}; "
+                        f"defined: {sorted(self.providers)}"
+                    )
+            for public in (m.name, *m.aliases):
+                if public in seen:
+                    raise ValueError(f"models[{i}]: name {public!r} is already used by {seen[public]!r}")
+                seen[public] = m.name
+        return self
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, env: Mapping[str, str], path: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"environment variable {name} is not set", path=path)
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def parse_config(data: Any, *, env: Mapping[str, str] | None = None) -> Config:
+    """Validate a loaded YAML document; raise ``ConfigError`` naming the first bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a mapping at the top level")
+    expanded = _expand(data, os.environ if env is None else env, "")
+    try:
+        return Config.model_validate(expanded)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise ConfigError(msg.removeprefix("Value error, "), path=_loc(err["loc"])) from None
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}") from None
+    return parse_config(data, env=env)
+
+
+def default_config() -> Config:
+    """The embedded default: one node, memory state, a demo ``mock`` provider."""
+    return parse_config(
+        {
+            "providers": {"mock": {"type": "mock", "mock": {"chunk_delay_ms": 20}}},
+            "models": [
+                {"name": "hapax-demo", "provider": "mock"},
+                {"name": "hapax-demo-embed", "provider": "mock"},
+            ],
+        }
+    )
+
+
+def config_schema() -> dict[str, Any]:
+    return Config.model_json_schema()

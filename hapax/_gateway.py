@@ -1,0 +1,452 @@
+"""The request pipeline, shared by every front door.
+
+Theory of operation: a front door builds a ``Request`` and awaits
+``Gateway.handle``; it gets back a ``Response`` to write, whose body may be a
+stream. ``handle`` never raises: every failure becomes an OpenAI-shaped (or,
+on ``/v1/messages``, Anthropic-shaped) JSON error here and nowhere else.
+
+For a model call the stages are: take the runtime in force → parse and check
+the body → resolve the public model to its deployments → pick the provider →
+translate the operation if the provider does not take it → call → translate
+the reply back → count tokens, time and status; log one access line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ._config import Config
+from ._errors import (
+    HapaxError,
+    InternalError,
+    InvalidField,
+    MethodNotAllowed,
+    ModelNotFound,
+    RouteNotFound,
+    UnsupportedMediaType,
+)
+from ._http import Request, Response
+from ._metrics import GatewayMetrics
+from ._runtime import Runtime, TransportFactory
+from ._sse import SSEEvent, encode
+from ._translate import StreamTranslator, Translation, find_translation
+from ._usage import Usage
+from ._validate import parse_body, validate
+from .providers import Call, JsonReply, Operation, Provider
+
+log = logging.getLogger("hapax.gateway")
+access_log = logging.getLogger("hapax.access")
+
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_JSON = "application/json"
+_SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+
+_OPS = {
+    "/v1/chat/completions": (Operation.CHAT, "chat_completions"),
+    "/v1/completions": (Operation.COMPLETIONS, "completions"),
+    "/v1/embeddings": (Operation.EMBEDDINGS, "embeddings"),
+    "/v1/messages": (Operation.MESSAGES, "messages"),
+}
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did; filled in as it goes, logged and counted at the end."""
+
+    request_id: str
+    route: str
+    method: str
+    path: str
+    remote: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    provider: str = ""
+    status: int = 0
+    upstream_seconds: float = 0.0
+    ttft: float | None = None
+    usage: Usage | None = None
+    error: HapaxError | None = None
+    anthropic: bool = False
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport_factory: TransportFactory,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self.metrics = metrics or GatewayMetrics()
+        self._transport_factory = transport_factory
+        self.runtime = Runtime(config, generation=1, transport_factory=transport_factory)
+        self._bind_metrics(config)
+        self.draining = False
+        self.started_at = int(time.time())
+        self.in_flight = 0
+
+    # -- config ------------------------------------------------------------------------
+
+    def apply(self, config: Config) -> Runtime:
+        """Swap in a validated config; requests in flight keep the one they started on."""
+        old = self.runtime
+        new = Runtime(
+            config,
+            generation=old.generation + 1,
+            transport_factory=self._transport_factory,
+            previous=old,
+        )
+        self.runtime = new
+        old.retire(new)
+        self._bind_metrics(config)
+        return new
+
+    def _bind_metrics(self, config: Config) -> None:
+        names = [n for m in config.models for n in (m.name, *m.aliases)]
+        self.metrics.bind_config(names, config.providers)
+        self.metrics.config_info.set(to=self.runtime.generation)
+
+    async def aclose(self) -> None:
+        await self.runtime.aclose()
+
+    # -- entry point -------------------------------------------------------------------
+
+    async def handle(self, req: Request, *, reject: HapaxError | None = None) -> Response:
+        """Answer ``req``; with ``reject``, answer with that error (the front door found it)."""
+        rid = req.headers.get("x-request-id", "")
+        if not _SANE_REQUEST_ID.match(rid):
+            rid = new_request_id()
+        op_route = _OPS.get(req.path)
+        route = op_route[1] if op_route else _route_name(req.path)
+        ex = Exchange(rid, route, req.method, req.path, req.remote)
+        ex.anthropic = req.path == "/v1/messages"
+        cors = self.runtime.config.server.cors
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        streaming = False
+        try:
+            if reject is not None:
+                raise reject
+            if req.method == "OPTIONS" and cors.enabled:
+                resp = Response(204, {})
+            elif op_route is not None:
+                if req.method != "POST":
+                    raise MethodNotAllowed(f"{req.path} accepts POST only")
+                resp = await self._model_call(req, ex, op_route[0])
+            else:
+                resp = self._builtin(req, ex)
+            streaming = resp.stream is not None
+        except HapaxError as exc:
+            resp = self._error(ex, exc)
+        except Exception as exc:  # a bug: answer 500, keep serving
+            log.exception("unhandled error", extra={"request_id": rid, "path": req.path})
+            resp = self._error(ex, InternalError(f"internal error: {type(exc).__name__}"))
+        finally:
+            if not streaming:
+                self.in_flight -= 1
+                self.metrics.in_flight.dec()
+        resp.headers["x-request-id"] = rid
+        if cors.enabled:
+            self._cors(req, resp)
+        if streaming:
+            assert resp.stream is not None
+            resp.stream = self._finishing(resp.stream, ex)
+        else:
+            ex.status = resp.status
+            total = time.perf_counter() - ex.started
+            resp.headers["server-timing"] = (
+                f"gateway;dur={(total - ex.upstream_seconds) * 1000:.3f}, "
+                f"upstream;dur={ex.upstream_seconds * 1000:.3f}"
+            )
+            self._record(ex, total)
+        return resp
+
+    # -- model calls -------------------------------------------------------------------
+
+    async def _model_call(self, req: Request, ex: Exchange, op: Operation) -> Response:
+        ctype = req.headers.get("content-type", "")
+        if ctype.split(";", 1)[0].strip().lower() != _JSON:
+            raise UnsupportedMediaType(
+                f"content-type must be application/json, got {ctype or 'none'!r}"
+            )
+        body = parse_body(req.body)
+        validate(op, body)
+        rt = self.runtime
+        rt.acquire()
+        held = True
+        try:
+            public = body["model"]
+            model = rt.models.get(public)
+            if model is None:
+                raise ModelNotFound(
+                    f"the model '{public}' does not exist or you do not have access to it",
+                    param="model",
+                )
+            ex.model = model.name
+            dep = model.deployments[0]
+            provider = rt.providers[dep.provider]
+            ex.provider = dep.provider
+            translation: Translation | None = None
+            target = op
+            if op not in provider.operations:
+                translation = find_translation(op, provider.operations)
+                if translation is None:
+                    raise InvalidField(
+                        f"model '{public}' does not support {op.value}", param="model",
+                        code="unsupported_operation",
+                    )
+                target = translation.target
+            stream = bool(body.get("stream"))
+            upstream_body = translation.request(body) if translation else dict(body)
+            upstream_body["model"] = dep.model
+            call = Call(op=target, body=upstream_body, stream=stream, request_id=ex.request_id)
+            t0 = time.perf_counter()
+            try:
+                reply = await provider.send(call)
+            finally:
+                ex.upstream_seconds = time.perf_counter() - t0
+            headers = {"x-hapax-provider": dep.provider, "x-hapax-upstream-model": dep.model}
+            if isinstance(reply, JsonReply):
+                ex.usage = reply.usage
+                if translation is not None:
+                    out = orjson.dumps(translation.response(reply.body, reply.usage))
+                else:
+                    out = reply.raw if reply.raw is not None else orjson.dumps(reply.body)
+                headers["content-type"] = _JSON
+                return Response(200, headers, out)
+            ex.usage = reply.usage
+            translator = translation.stream(dep.model) if translation else None
+            held = False  # the stream releases it
+            headers.update(_SSE_HEADERS)
+            return Response(200, headers, stream=self._stream(rt, provider, reply, translator, ex, t0))
+        finally:
+            if held:
+                rt.release()
+
+    async def _stream(
+        self,
+        rt: Runtime,
+        provider: Provider,
+        reply: Any,
+        translator: StreamTranslator | None,
+        ex: Exchange,
+        t0: float,
+    ) -> AsyncIterator[bytes]:
+        anthropic = ex.anthropic
+        try:
+            async for ev in reply.events:
+                out = translator.feed(ev) if translator is not None else (ev,)
+                for e in out:
+                    if ex.ttft is None:
+                        ex.ttft = time.perf_counter() - ex.started
+                    yield _encode(e, anthropic)
+            if translator is not None:
+                for e in translator.finish(reply.usage):
+                    yield _encode(e, anthropic)
+            if not anthropic:
+                yield b"data: [DONE]\n\n"
+        except HapaxError as exc:
+            ex.error = exc
+            yield self._stream_error(ex, exc)
+        except Exception as exc:
+            log.exception("unhandled error in stream", extra={"request_id": ex.request_id})
+            ex.error = InternalError(f"internal error: {type(exc).__name__}")
+            yield self._stream_error(ex, ex.error)
+        finally:
+            ex.upstream_seconds = time.perf_counter() - t0
+            reply.close()
+            rt.release()
+
+    async def _finishing(self, stream: AsyncIterator[bytes], ex: Exchange) -> AsyncIterator[bytes]:
+        """Wrap a stream so it is counted and logged however it ends (done, error, hang-up)."""
+        ex.status = 200
+        try:
+            async for chunk in stream:
+                yield chunk
+        except BaseException:
+            ex.status = 499  # client closed request (nginx's code): the front door cancelled us
+            raise
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+            self._record(ex, time.perf_counter() - ex.started)
+
+    # -- built-in routes ---------------------------------------------------------------
+
+    def _builtin(self, req: Request, ex: Exchange) -> Response:
+        path = req.path
+        if path in ("/health/live", "/health/ready", "/metrics", "/v1/models") or path.startswith(
+            "/v1/models/"
+        ):
+            if req.method not in ("GET", "HEAD"):
+                raise MethodNotAllowed(f"{path} accepts GET only")
+        else:
+            raise RouteNotFound(f"no route for {req.method} {path}")
+        if path == "/health/live":
+            return _json(200, {"status": "live"})
+        if path == "/health/ready":
+            return self._ready()
+        if path == "/metrics":
+            return Response(
+                200,
+                {"content-type": "text/plain; version=0.0.4; charset=utf-8"},
+                self.metrics.registry.render(),
+            )
+        rt = self.runtime
+        if path == "/v1/models":
+            data = [self._model_entry(m.name, m.owned_by) for m in rt.config.models]
+            return _json(200, {"object": "list", "data": data})
+        public = path[len("/v1/models/") :]
+        m = rt.models.get(public)
+        if m is None:
+            raise ModelNotFound(f"the model '{public}' does not exist", param="model")
+        return _json(200, self._model_entry(public, m.owned_by))
+
+    def _model_entry(self, name: str, owned_by: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.started_at, "owned_by": owned_by}
+
+    def _ready(self) -> Response:
+        rt = self.runtime
+        providers = {
+            name: {"type": p.type, "models": sorted(
+                m.name for m in rt.config.models if any(d.provider == name for d in m.deployments)
+            )}
+            for name, p in rt.providers.items()
+        }
+        status = "draining" if self.draining else "ready"
+        body = {
+            "status": status,
+            "config_generation": rt.generation,
+            "providers": providers,
+        }
+        return _json(503 if self.draining else 200, body)
+
+    # -- errors, CORS, accounting ------------------------------------------------------
+
+    def _error(self, ex: Exchange, exc: HapaxError) -> Response:
+        ex.error = exc
+        headers = {"content-type": _JSON}
+        if exc.retry_after is not None:
+            headers["retry-after"] = str(max(1, round(exc.retry_after)))
+        return Response(exc.status, headers, _error_body(exc, ex.request_id, ex.anthropic))
+
+    def _stream_error(self, ex: Exchange, exc: HapaxError) -> bytes:
+        body = _error_body(exc, ex.request_id, ex.anthropic)
+        return encode(body, "error") if ex.anthropic else encode(body)
+
+    def _cors(self, req: Request, resp: Response) -> None:
+        cors = self.runtime.config.server.cors
+        origin = req.headers.get("origin")
+        if not origin:
+            return
+        if "*" in cors.allow_origins:
+            resp.headers["access-control-allow-origin"] = "*"
+        elif origin in cors.allow_origins:
+            resp.headers["access-control-allow-origin"] = origin
+            resp.headers["vary"] = "origin"
+        else:
+            return
+        resp.headers["access-control-expose-headers"] = ", ".join(cors.expose_headers)
+        if req.method == "OPTIONS":
+            resp.headers["access-control-allow-methods"] = ", ".join(cors.allow_methods)
+            resp.headers["access-control-allow-headers"] = ", ".join(cors.allow_headers)
+            resp.headers["access-control-max-age"] = str(cors.max_age)
+
+    def _record(self, ex: Exchange, total: float) -> None:
+        m = self.metrics
+        model = m.models(ex.model) if ex.model else "none"
+        provider = m.providers(ex.provider) if ex.provider else "none"
+        status = ex.status
+        if ex.error is not None and status == 200:
+            status = ex.error.status  # a stream that failed after its headers
+        m.requests.inc(ex.route, model, provider, str(status))
+        m.request_duration.observe(total, ex.route)
+        if ex.provider:
+            m.upstream_duration.observe(ex.upstream_seconds, provider)
+            m.gateway_overhead.observe(max(0.0, total - ex.upstream_seconds), ex.route)
+        if ex.ttft is not None:
+            m.ttft.observe(ex.ttft, model, provider)
+        if ex.usage is not None:
+            if ex.usage.prompt_tokens:
+                m.tokens.inc(model, provider, "input", by=ex.usage.prompt_tokens)
+            if ex.usage.completion_tokens:
+                m.tokens.inc(model, provider, "output", by=ex.usage.completion_tokens)
+        if ex.error is not None:
+            m.errors.inc(ex.error.type, ex.error.code)
+        if access_log.isEnabledFor(logging.INFO):
+            fields: dict[str, Any] = {
+                "request_id": ex.request_id,
+                "method": ex.method,
+                "path": ex.path,
+                "route": ex.route,
+                "status": status,
+                "latency_ms": round(total * 1000, 3),
+                "remote": ex.remote,
+            }
+            if ex.model:
+                fields["model"] = ex.model
+                fields["provider"] = ex.provider
+                fields["upstream_ms"] = round(ex.upstream_seconds * 1000, 3)
+            if ex.ttft is not None:
+                fields["ttft_ms"] = round(ex.ttft * 1000, 3)
+            if ex.usage is not None:
+                fields["prompt_tokens"] = ex.usage.prompt_tokens
+                fields["completion_tokens"] = ex.usage.completion_tokens
+            if ex.error is not None:
+                fields["error_code"] = ex.error.code
+            access_log.info("request", extra={"fields": fields})
+
+
+def _route_name(path: str) -> str:
+    if path.startswith("/v1/models"):
+        return "models"
+    if path.startswith("/health/"):
+        return "health"
+    if path == "/metrics":
+        return "metrics"
+    return "unknown"
+
+
+def _encode(ev: SSEEvent, anthropic: bool) -> bytes:
+    return encode(ev.data, ev.event if anthropic else None)
+
+
+def _json(status: int, body: Any) -> Response:
+    return Response(status, {"content-type": _JSON}, orjson.dumps(body))
+
+
+def _error_body(exc: HapaxError, request_id: str, anthropic: bool) -> bytes:
+    if anthropic:
+        return orjson.dumps({
+            "type": "error",
+            "error": {"type": exc.anthropic_type, "message": exc.message},
+            "request_id": request_id,
+        })
+    return orjson.dumps({
+        "error": {
+            "message": exc.message,
+            "type": exc.type,
+            "param": exc.param,
+            "code": exc.code,
+            "request_id": request_id,
+        }
+    })

@@ -1,0 +1,75 @@
+"""A config in force: the validated config plus the providers built from it.
+
+Theory of operation: the gateway holds exactly one current ``Runtime``. A
+request takes a reference at its start (``acquire``) and gives it back at its
+end, so it finishes on the config it started with even if a reload swaps in a
+new one meanwhile. A reload builds the next runtime, reusing every provider
+whose config did not change (their connection pools stay warm), and retires
+the old one; providers nobody uses any more are closed once the last request
+holding the old runtime ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from ._config import Config, ModelConfig, ProviderConfig
+from ._transport import Transport
+from .providers import Provider, build_provider
+
+TransportFactory = Callable[[str, ProviderConfig], Transport]
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        generation: int,
+        transport_factory: TransportFactory,
+        previous: Runtime | None = None,
+    ) -> None:
+        self.config = config
+        self.generation = generation
+        self.providers: dict[str, Provider] = {}
+        for name, pcfg in config.providers.items():
+            old = previous.providers.get(name) if previous else None
+            if old is not None and old.config == pcfg:
+                self.providers[name] = old
+            else:
+                self.providers[name] = build_provider(name, pcfg, transport_factory(name, pcfg))
+        self.models: dict[str, ModelConfig] = {}
+        for m in config.models:
+            for public in (m.name, *m.aliases):
+                self.models[public] = m
+        self._active = 0
+        self._retired_to: Runtime | None = None
+        self._closing: list[asyncio.Task[None]] = []
+
+    def acquire(self) -> None:
+        self._active += 1
+
+    def release(self) -> None:
+        self._active -= 1
+        if self._active == 0 and self._retired_to is not None:
+            self._close_unused()
+
+    def retire(self, successor: Runtime | None) -> None:
+        self._retired_to = successor
+        if self._active == 0:
+            self._close_unused()
+
+    def _close_unused(self) -> None:
+        keep = set(map(id, self._retired_to.providers.values())) if self._retired_to else set()
+        for p in self.providers.values():
+            if id(p) not in keep:
+                self._closing.append(asyncio.get_running_loop().create_task(p.aclose()))
+        self.providers = {}
+
+    async def aclose(self) -> None:
+        for p in self.providers.values():
+            await p.aclose()
+        self.providers = {}
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -1,0 +1,33 @@
+"""Provider adapters, by config ``type``."""
+
+from __future__ import annotations
+
+from .._config import ProviderConfig
+from .._transport import Transport
+from ._base import Call, JsonReply, Operation, Provider, Reply, StreamReply
+from ._mock import MockProvider
+from ._openai import OpenAIProvider
+
+__all__ = [
+    "PROVIDER_TYPES",
+    "Call",
+    "JsonReply",
+    "Operation",
+    "Provider",
+    "Reply",
+    "StreamReply",
+    "build_provider",
+]
+
+PROVIDER_TYPES: dict[str, type[Provider]] = {
+    "openai": OpenAIProvider,
+    "mock": MockProvider,
+}
+
+
+def build_provider(name: str, config: ProviderConfig, transport: Transport) -> Provider:
+    try:
+        cls = PROVIDER_TYPES[config.type]
+    except KeyError:
+        raise RuntimeError(f"provider type {config.type!r} has no adapter") from None
+    return cls(name=name, config=config, transport=transport)

@@ -1,0 +1,201 @@
+"""What a provider adapter is.
+
+Theory of operation: the gateway speaks four operations, each in its public
+wire format: ``chat`` and ``completions`` and ``embeddings`` (OpenAI) and
+``messages`` (Anthropic). A provider lists the operations it takes
+(``operations``); the gateway translates any other operation into one of
+those before calling (``hapax._translate``), so adapters never translate
+between the public formats themselves. Adapters that front a foreign wire format
+(Gemini) convert inside ``send``.
+
+``send`` returns a ``JsonReply`` or, for ``stream=True``, a ``StreamReply``
+whose events are in the operation's wire format. The adapter fills
+``reply.usage`` as the stream goes, so the gateway can count tokens whatever
+the client asked for. All upstream I/O goes through the injected ``Transport``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import orjson
+
+from .._config import ProviderConfig
+from .._errors import (
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .._sse import SSEDecoder, SSEEvent
+from .._transport import (
+    ConnectError,
+    ConnectTimeout,
+    FirstByteTimeout,
+    ReadError,
+    StreamIdleTimeout,
+    Transport,
+    TransportError,
+    UpstreamRequest,
+    UpstreamResponse,
+)
+from .._usage import Usage
+
+
+class Operation(StrEnum):
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    MESSAGES = "messages"
+
+
+@dataclass(slots=True)
+class Call:
+    op: Operation
+    #: The request body in the operation's wire format; ``model`` is the upstream name.
+    body: dict[str, Any]
+    stream: bool
+    request_id: str
+
+
+@dataclass(slots=True)
+class JsonReply:
+    body: dict[str, Any]
+    usage: Usage
+    #: The upstream's bytes, when ``body`` is exactly what it sent; saves a re-encode.
+    raw: bytes | None = None
+
+
+@dataclass(slots=True)
+class StreamReply:
+    events: AsyncIterator[SSEEvent]
+    usage: Usage = field(default_factory=Usage)
+    _close: Callable[[], None] | None = None
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+
+Reply = JsonReply | StreamReply
+
+
+class Provider(ABC):
+    type: ClassVar[str]
+    operations: ClassVar[frozenset[Operation]]
+
+    def __init__(self, *, name: str, config: ProviderConfig, transport: Transport) -> None:
+        self.name = name
+        self.config = config
+        self.transport = transport
+
+    @abstractmethod
+    async def send(self, call: Call) -> Reply: ...
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    # -- helpers shared by HTTP adapters -------------------------------------------------
+
+    async def _request(self, url: str, headers: dict[str, str], body: dict[str, Any]) -> UpstreamResponse:
+        """POST ``body`` as JSON; raise the gateway's error for a non-2xx status."""
+        req = UpstreamRequest("POST", url, headers, orjson.dumps(body), self.config.timeouts)
+        try:
+            resp = await self.transport.send(req)
+        except TransportError as exc:
+            raise translate_transport_error(exc, self.name) from exc
+        if resp.status >= 400:
+            try:
+                raw = await resp.read()
+            except TransportError:
+                raw = b""
+            finally:
+                resp.close()
+            raise self.error_from_status(resp.status, raw, resp.headers.get("retry-after"))
+        return resp
+
+    async def _read_json(self, resp: UpstreamResponse) -> tuple[dict[str, Any], bytes]:
+        try:
+            raw = await resp.read()
+        except TransportError as exc:
+            raise translate_transport_error(exc, self.name) from exc
+        finally:
+            resp.close()
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamUnavailable(f"provider {self.name} sent a body that is not JSON") from None
+        if not isinstance(data, dict):
+            raise UpstreamUnavailable(f"provider {self.name} sent JSON that is not an object")
+        return data, raw
+
+    async def _events(self, resp: UpstreamResponse) -> AsyncIterator[SSEEvent]:
+        """Decode an upstream SSE body; a cut or stalled stream raises ``UpstreamError``."""
+        decoder = SSEDecoder()
+        try:
+            async for chunk in resp.iter_chunks():
+                for ev in decoder.feed(chunk):
+                    yield ev
+            tail = decoder.close()
+            if tail is not None:
+                yield tail
+        except TransportError as exc:
+            raise translate_transport_error(exc, self.name) from exc
+        finally:
+            resp.close()
+
+    def error_message(self, raw: bytes) -> str:
+        """Pull the provider's own message out of its error body (OpenAI/Anthropic shapes)."""
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw[:200].decode("utf-8", "replace").strip()
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if isinstance(data, dict) and isinstance(data.get("message"), str):
+            return str(data["message"])
+        return raw[:200].decode("utf-8", "replace")
+
+    def error_from_status(self, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
+        detail = self.error_message(raw)
+        msg = f"provider {self.name} returned {status}: {detail}"
+        if status == 429:
+            return UpstreamRateLimited(msg, retry_after=parse_retry_after(retry_after))
+        if status in (401, 403):
+            # The gateway's credential for the provider is wrong: not the caller's fault.
+            return UpstreamUnavailable(msg, code="upstream_auth_failed")
+        if status == 408:
+            return UpstreamTimeout(msg)
+        if 400 <= status < 500:
+            return UpstreamBadRequest(msg, status=400 if status not in (404, 413, 422) else status)
+        return UpstreamUnavailable(msg, retry_after=parse_retry_after(retry_after))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # HTTP-date form: rare from LLM providers; treat as unknown
+
+
+def translate_transport_error(exc: TransportError, provider: str) -> UpstreamError:
+    if isinstance(exc, ConnectTimeout | FirstByteTimeout):
+        return UpstreamTimeout(f"provider {provider} timed out ({type(exc).__name__})")
+    if isinstance(exc, StreamIdleTimeout):
+        return UpstreamTimeout(f"provider {provider} stream stalled", code="upstream_stream_idle")
+    if isinstance(exc, ConnectError):
+        return UpstreamUnavailable(f"cannot connect to provider {provider}: {exc}")
+    if isinstance(exc, ReadError):
+        return UpstreamUnavailable(f"provider {provider} connection broke: {exc}")
+    return UpstreamUnavailable(f"provider {provider} failed: {exc}")

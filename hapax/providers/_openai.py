@@ -1,0 +1,79 @@
+"""OpenAI and every server that speaks its API (vLLM, Ollama /v1, Groq, Together, ...).
+
+Requests pass through with only ``model`` rewritten. For streams the adapter
+always asks the upstream for usage (``stream_options.include_usage``) so the
+gateway can count tokens, and hides that final usage-only chunk again when the
+client did not ask for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+from .._sse import SSEEvent
+from .._usage import Usage
+from ._base import Call, JsonReply, Operation, Provider, Reply, StreamReply
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+_PATHS = {
+    Operation.CHAT: "/chat/completions",
+    Operation.COMPLETIONS: "/completions",
+    Operation.EMBEDDINGS: "/embeddings",
+}
+
+
+class OpenAIProvider(Provider):
+    type = "openai"
+    operations: ClassVar[frozenset[Operation]] = frozenset(_PATHS)
+
+    def url(self, op: Operation, model: str) -> str:
+        base = (self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
+        return base + _PATHS[op]
+
+    def headers(self) -> dict[str, str]:
+        h = {"content-type": "application/json", "accept": "application/json"}
+        if self.config.api_key is not None:
+            h["authorization"] = "Bearer " + self.config.api_key.get_secret_value()
+        h.update(self.config.headers)
+        return h
+
+    async def send(self, call: Call) -> Reply:
+        body = call.body
+        headers = self.headers()
+        headers["x-request-id"] = call.request_id
+        wants_usage = True
+        if call.stream:
+            opts = body.get("stream_options")
+            wants_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+            if not wants_usage:
+                body = dict(body)
+                body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        resp = await self._request(self.url(call.op, str(body.get("model", ""))), headers, body)
+        if not call.stream:
+            data, raw = await self._read_json(resp)
+            usage = Usage()
+            usage.take_openai(data.get("usage"))
+            return JsonReply(body=data, usage=usage, raw=raw)
+        reply = StreamReply(events=_empty())
+        reply.events = self._stream(resp, reply.usage, wants_usage)
+        reply._close = resp.close
+        return reply
+
+    async def _stream(self, resp: Any, usage: Usage, wants_usage: bool) -> AsyncIterator[SSEEvent]:
+        async for ev in self._events(resp):
+            if ev.data == b"[DONE]":
+                continue  # the gateway writes its own terminator
+            if b'"usage"' in ev.data:
+                chunk = ev.json()
+                if isinstance(chunk, dict) and chunk.get("usage"):
+                    usage.take_openai(chunk["usage"])
+                    if not wants_usage and not chunk.get("choices"):
+                        continue
+            yield ev
+
+
+async def _empty() -> AsyncIterator[SSEEvent]:
+    return
+    yield  # pragma: no cover

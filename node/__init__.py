@@ -1,0 +1,1 @@
+"""A Hapax gateway node: front doors, process lifecycle and CLI."""

@@ -1,0 +1,202 @@
+"""The HTTP/1.1 front door (aiohttp's low-level server) and the process lifecycle.
+
+aiohttp's ``web.Application`` router and middleware chain cost CPU on every
+request; the gateway has its own fixed routes, so it sits on the low-level
+``web.Server`` and adapts each request into ``hapax.Request`` directly.
+
+Lifecycle: ``serve`` runs until SIGTERM/SIGINT, then drains: readiness turns
+false, the listening sockets close (no new connections), requests and streams
+in flight get up to ``server.shutdown_grace`` seconds to finish, and the
+process exits 0. SIGHUP reloads the config file now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from hapax import Config, ConfigError, Gateway, HapaxError, Request, load_config
+from hapax._errors import PayloadTooLarge
+
+from . import logs
+from .upstream import transport_factory
+
+log = logging.getLogger("hapax.node")
+
+
+class FrontDoor:
+    """Adapts aiohttp requests to the gateway and writes its responses back."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        limit = self.gateway.runtime.config.server.max_body_bytes
+        body = b""
+        reject: HapaxError | None = None
+        if request.can_read_body:
+            cl = request.content_length
+            if cl is not None and cl > limit:
+                reject = PayloadTooLarge(f"request body is {cl} bytes; the limit is {limit}")
+            else:
+                body = await _read_limited(request, limit)
+                if body is None:
+                    reject = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                    body = b""
+        req = Request(
+            method=request.method,
+            path=request.path,
+            headers=request.headers,
+            body=body,
+            remote=request.remote or "",
+            query=request.query,
+        )
+        resp = await self.gateway.handle(req, reject=reject)
+        if resp.stream is None:
+            out = web.Response(status=resp.status, body=resp.body, headers=resp.headers)
+            if reject is not None:
+                out.force_close()  # the unread body is still on the wire
+            return out
+        sresp = web.StreamResponse(status=resp.status, headers=resp.headers)
+        stream = resp.stream
+        try:
+            await sresp.prepare(request)
+            async for chunk in stream:
+                await sresp.write(chunk)
+            await sresp.write_eof()
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return sresp
+
+
+async def _read_limited(request: web.BaseRequest, limit: int) -> bytes | None:
+    cl = request.content_length
+    if cl is not None:
+        return await request.content.readexactly(cl) if cl else b""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+
+
+class Node:
+    """One gateway process: front door, config reloads, and a graceful stop."""
+
+    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.gateway = Gateway(config, transport_factory=transport_factory)
+        self._stop = asyncio.Event()
+        self._reload_now = asyncio.Event()
+        self._runner: web.ServerRunner | None = None
+        self._file_stamp: tuple[int, int] | None = None
+        self.addresses: list[str] = []
+
+    async def start(self) -> None:
+        srv = self.config.server
+        server = web.Server(FrontDoor(self.gateway), handler_cancellation=True, access_log=None)
+        self._runner = web.ServerRunner(server, shutdown_timeout=1.0, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, srv.host, srv.port, reuse_port=True, backlog=1024)
+        await site.start()
+        self.addresses = [f"{a[0]}:{a[1]}" for a in self._runner.addresses if isinstance(a, tuple)]
+        log.info("listening", extra={"fields": {"addresses": self.addresses}})
+        if self.config_path is not None:
+            self._file_stamp = _stamp(self.config_path)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_now.set)
+        await self.start()
+        watcher = asyncio.create_task(self._watch_config())
+        try:
+            await self._stop.wait()
+        finally:
+            watcher.cancel()
+            await self.drain()
+
+    async def drain(self) -> None:
+        grace = self.gateway.runtime.config.server.shutdown_grace
+        log.info("draining", extra={"fields": {"in_flight": self.gateway.in_flight, "grace_s": grace}})
+        self.gateway.draining = True
+        assert self._runner is not None
+        for site in list(self._runner.sites):
+            await site.stop()
+        deadline = time.monotonic() + grace
+        while self.gateway.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.gateway.in_flight
+        await self._runner.cleanup()
+        await self.gateway.aclose()
+        log.info("stopped", extra={"fields": {"abandoned_requests": left}})
+
+    async def _watch_config(self) -> None:
+        if self.config_path is None:
+            return
+        while True:
+            interval = self.gateway.runtime.config.server.reload_interval
+            try:
+                await asyncio.wait_for(self._reload_now.wait(), interval)
+                forced = True
+            except TimeoutError:
+                forced = False
+            self._reload_now.clear()
+            stamp = _stamp(self.config_path)
+            if forced or stamp != self._file_stamp:
+                self._file_stamp = stamp
+                self.reload()
+
+    def reload(self) -> bool:
+        assert self.config_path is not None
+        m = self.gateway.metrics
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as exc:
+            m.config_reloads.inc("failure")
+            log.error(
+                "config reload rejected; keeping the last good config",
+                extra={"fields": {"path": str(self.config_path), "error": str(exc)}},
+            )
+            return False
+        old = self.gateway.runtime.config
+        if (cfg.server.host, cfg.server.port) != (old.server.host, old.server.port):
+            log.warning("server.host/port changes take effect on restart only")
+        logs.configure(cfg.logging)
+        rt = self.gateway.apply(cfg)
+        m.config_reloads.inc("success")
+        log.info("config reloaded", extra={"fields": {"generation": rt.generation}})
+        return True
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def serve(config: Config, *, config_path: Path | None = None) -> None:
+    logs.configure(config.logging)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported OS
+        runner = asyncio.run
+    else:
+        runner = uvloop.run
+    runner(Node(config, config_path=config_path).run())

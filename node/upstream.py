@@ -1,0 +1,140 @@
+"""The aiohttp-backed ``Transport``: one pooled keep-alive session per provider.
+
+aiohttp's exceptions are translated here, at the seam, into ``hapax``'s
+transport errors, choosing the most specific match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+
+from hapax import (
+    ConnectError,
+    ConnectTimeout,
+    FirstByteTimeout,
+    ReadError,
+    StreamIdleTimeout,
+    Transport,
+    TransportError,
+    UpstreamRequest,
+    UpstreamResponse,
+)
+from hapax._config import ProviderConfig
+
+#: Keep idle upstream connections a while: providers are called constantly.
+KEEPALIVE_SECONDS = 60.0
+
+
+def _translate(exc: BaseException) -> TransportError:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ConnectTimeout(str(exc) or "connect timed out")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ConnectError(str(exc))
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return FirstByteTimeout(str(exc) or "timed out")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return ReadError(str(exc) or type(exc).__name__)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return ReadError(f"malformed response: {exc.message}")
+    return ReadError(f"{type(exc).__name__}: {exc}")
+
+
+class AiohttpResponse(UpstreamResponse):
+    def __init__(self, resp: aiohttp.ClientResponse, deadline: float, idle: float) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.headers: Mapping[str, str] = resp.headers
+        self._deadline = deadline
+        self._idle = idle
+        self._complete = False
+
+    async def read(self) -> bytes:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                data = await self._resp.read()
+        except TimeoutError:
+            raise StreamIdleTimeout("total timeout reading the body") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc) from exc
+        self._complete = True
+        return data
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        content = self._resp.content
+        try:
+            async with asyncio.timeout(None) as cm:
+                while True:
+                    cm.reschedule(min(loop.time() + self._idle, self._deadline))
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    yield chunk
+        except TimeoutError:
+            raise StreamIdleTimeout("no data from upstream within the idle timeout") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc) from exc
+        self._complete = True
+
+    def close(self) -> None:
+        # A fully read body returns the connection to the pool; anything else drops it.
+        if self._complete:
+            self._resp.release()
+        else:
+            self._resp.close()
+
+
+class AiohttpTransport(Transport):
+    def __init__(self, config: ProviderConfig) -> None:
+        self._limit = config.pool_size
+        self._session: aiohttp.ClientSession | None = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self._limit,
+                limit_per_host=self._limit,
+                keepalive_timeout=KEEPALIVE_SECONDS,
+                ttl_dns_cache=300,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),
+                skip_auto_headers=("User-Agent",),
+                auto_decompress=True,
+            )
+        return self._session
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        session = self._get_session()
+        loop = asyncio.get_running_loop()
+        t = request.timeouts
+        deadline = loop.time() + t.total
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, connect=t.connect)
+        try:
+            async with asyncio.timeout_at(min(deadline, loop.time() + t.first_byte)):
+                resp = await session.request(
+                    request.method,
+                    request.url,
+                    headers=dict(request.headers),
+                    data=request.body,
+                    timeout=timeout,
+                    allow_redirects=False,
+                )
+        except TimeoutError:
+            raise FirstByteTimeout("no response headers within the first-byte timeout") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc) from exc
+        return AiohttpResponse(resp, deadline, t.stream_idle)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def transport_factory(name: str, config: ProviderConfig) -> Transport:
+    return AiohttpTransport(config)

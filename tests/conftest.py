@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.gateway_process import GatewayProcess
+from tests.upstreams import openai_api
+from tests.upstreams.server import UpstreamServer, UpstreamState
+
+
+@pytest.fixture
+def openai_upstream() -> Iterator[tuple[UpstreamServer, UpstreamState]]:
+    state = UpstreamState()
+    server = UpstreamServer(openai_api.make_app(state)).start()
+    try:
+        yield server, state
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Factory: ``gateway(config_dict, env=...)`` starts a node; all are stopped after the test."""
+    started: list[GatewayProcess] = []
+
+    def start(config: dict[str, Any], **kw: Any) -> GatewayProcess:
+        d = tmp_path / f"gw{len(started)}"
+        d.mkdir()
+        g = GatewayProcess(config, d, **kw).start()
+        started.append(g)
+        return g
+
+    yield start
+    for g in started:
+        g.stop()
