@@ -1,7 +1,7 @@
 """Hapax: the core of an LLM gateway. What a request means; no sockets of its own."""
 
-from ._config import Config, ConfigError, config_schema, default_config, load_config, parse_config
-from ._errors import HapaxError
+from ._config import Config, config_schema, default_config, load_config, parse_config
+from ._errors import ConfigError, HapaxError
 from ._gateway import Gateway
 from ._http import Request, Response
 from ._metrics import GatewayMetrics

@@ -18,29 +18,29 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from ._access import AccessControl, Admission
 from ._config import Config
+from ._dispatch import Dispatcher
 from ._errors import (
     HapaxError,
     InternalError,
-    InvalidField,
     MethodNotAllowed,
     ModelNotFound,
     RouteNotFound,
     UnsupportedMediaType,
 )
+from ._exchange import Exchange
 from ._http import Request, Response
 from ._metrics import GatewayMetrics
 from ._runtime import Runtime, TransportFactory
 from ._sse import SSEEvent, encode
-from ._translate import StreamTranslator, Translation, find_translation
-from ._usage import Usage
+from ._translate import StreamTranslator
 from ._validate import parse_body, validate
-from .providers import Call, JsonReply, Operation, Provider
+from .providers import JsonReply, Operation, StreamReply
 
 log = logging.getLogger("hapax.gateway")
 access_log = logging.getLogger("hapax.access")
@@ -65,26 +65,6 @@ def new_request_id() -> str:
     return "req_" + os.urandom(12).hex()
 
 
-@dataclass(slots=True)
-class Exchange:
-    """What one request did; filled in as it goes, logged and counted at the end."""
-
-    request_id: str
-    route: str
-    method: str
-    path: str
-    remote: str
-    started: float = field(default_factory=time.perf_counter)
-    model: str = ""
-    provider: str = ""
-    status: int = 0
-    upstream_seconds: float = 0.0
-    ttft: float | None = None
-    usage: Usage | None = None
-    error: HapaxError | None = None
-    anthropic: bool = False
-
-
 class Gateway:
     def __init__(
         self,
@@ -92,8 +72,12 @@ class Gateway:
         *,
         transport_factory: TransportFactory,
         metrics: GatewayMetrics | None = None,
+        access: AccessControl | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
+        self.access = access or AccessControl()
+        self.dispatcher = dispatcher or Dispatcher()
         self._transport_factory = transport_factory
         self.runtime = Runtime(config, generation=1, transport_factory=transport_factory)
         self._bind_metrics(config)
@@ -124,6 +108,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.runtime.aclose()
+        await self.access.aclose()
 
     # -- entry point -------------------------------------------------------------------
 
@@ -149,6 +134,11 @@ class Gateway:
                 if req.method != "POST":
                     raise MethodNotAllowed(f"{req.path} accepts POST only")
                 resp = await self._model_call(req, ex, op_route[0])
+            elif req.path.startswith("/admin/"):
+                admin = await self.access.handle_admin(req, ex)
+                if admin is None:
+                    raise RouteNotFound(f"no route for {req.method} {req.path}")
+                resp = admin
             else:
                 resp = self._builtin(req, ex)
             streaming = resp.stream is not None
@@ -185,68 +175,57 @@ class Gateway:
             raise UnsupportedMediaType(
                 f"content-type must be application/json, got {ctype or 'none'!r}"
             )
+        principal = await self.access.authenticate(req, ex)
+        ex.principal = principal.id
         body = parse_body(req.body)
         validate(op, body)
         rt = self.runtime
+        public = body["model"]
+        model = rt.models.get(public)
+        if model is None:
+            raise ModelNotFound(
+                f"the model '{public}' does not exist or you do not have access to it",
+                param="model",
+            )
+        ex.model = model.name
+        admission = await self.access.admit(principal, model, body, ex)
         rt.acquire()
-        held = True
+        settled = False
         try:
-            public = body["model"]
-            model = rt.models.get(public)
-            if model is None:
-                raise ModelNotFound(
-                    f"the model '{public}' does not exist or you do not have access to it",
-                    param="model",
-                )
-            ex.model = model.name
-            dep = model.deployments[0]
-            provider = rt.providers[dep.provider]
-            ex.provider = dep.provider
-            translation: Translation | None = None
-            target = op
-            if op not in provider.operations:
-                translation = find_translation(op, provider.operations)
-                if translation is None:
-                    raise InvalidField(
-                        f"model '{public}' does not support {op.value}", param="model",
-                        code="unsupported_operation",
-                    )
-                target = translation.target
-            stream = bool(body.get("stream"))
-            upstream_body = translation.request(body) if translation else dict(body)
-            upstream_body["model"] = dep.model
-            call = Call(op=target, body=upstream_body, stream=stream, request_id=ex.request_id)
-            t0 = time.perf_counter()
-            try:
-                reply = await provider.send(call)
-            finally:
-                ex.upstream_seconds = time.perf_counter() - t0
-            headers = {"x-hapax-provider": dep.provider, "x-hapax-upstream-model": dep.model}
+            d = await self.dispatcher.send(rt, model, op, body, ex)
+            headers = {
+                "x-hapax-provider": d.deployment.provider,
+                "x-hapax-upstream-model": d.deployment.model,
+                "x-hapax-attempts": str(ex.attempts),
+                **admission.headers,
+            }
+            reply, translation = d.reply, d.translation
+            ex.usage = reply.usage
             if isinstance(reply, JsonReply):
-                ex.usage = reply.usage
                 if translation is not None:
                     out = orjson.dumps(translation.response(reply.body, reply.usage))
                 else:
                     out = reply.raw if reply.raw is not None else orjson.dumps(reply.body)
                 headers["content-type"] = _JSON
                 return Response(200, headers, out)
-            ex.usage = reply.usage
-            translator = translation.stream(dep.model) if translation else None
-            held = False  # the stream releases it
+            translator = translation.stream(d.deployment.model) if translation else None
             headers.update(_SSE_HEADERS)
-            return Response(200, headers, stream=self._stream(rt, provider, reply, translator, ex, t0))
+            settled = True  # the stream settles and releases when it ends
+            stream = self._stream(rt, reply, translator, ex, d.started, admission)
+            return Response(200, headers, stream=stream)
         finally:
-            if held:
+            if not settled:
                 rt.release()
+                self.access.settle(admission, ex.usage, ex)
 
     async def _stream(
         self,
         rt: Runtime,
-        provider: Provider,
-        reply: Any,
+        reply: StreamReply,
         translator: StreamTranslator | None,
         ex: Exchange,
         t0: float,
+        admission: Admission,
     ) -> AsyncIterator[bytes]:
         anthropic = ex.anthropic
         try:
@@ -272,6 +251,7 @@ class Gateway:
             ex.upstream_seconds = time.perf_counter() - t0
             reply.close()
             rt.release()
+            self.access.settle(admission, ex.usage, ex)
 
     async def _finishing(self, stream: AsyncIterator[bytes], ex: Exchange) -> AsyncIterator[bytes]:
         """Wrap a stream so it is counted and logged however it ends (done, error, hang-up)."""

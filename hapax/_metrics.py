@@ -117,7 +117,7 @@ class Histogram(_Metric):
                 acc += n
                 le_label = 'le="' + _fmt(le) + '"'
                 yield f"{self.name}_bucket{self._labelstr(values, le_label)} {_fmt(acc)}"
-            yield f"{self.name}_sum{self._labelstr(values)} {repr(s[-1])}"
+            yield f"{self.name}_sum{self._labelstr(values)} {s[-1]!r}"
             yield f"{self.name}_count{self._labelstr(values)} {_fmt(acc)}"
 
 

@@ -31,7 +31,7 @@ def _require(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what
     if key not in body or body[key] is None:
         raise InvalidField(f"'{key}' is required", param=key, code="missing_required_parameter")
     value = body[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise InvalidField(f"'{key}' must be {what}", param=key)
     return value
 

@@ -44,10 +44,11 @@ class FrontDoor:
             if cl is not None and cl > limit:
                 reject = PayloadTooLarge(f"request body is {cl} bytes; the limit is {limit}")
             else:
-                body = await _read_limited(request, limit)
-                if body is None:
+                read = await _read_limited(request, limit)
+                if read is None:
                     reject = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-                    body = b""
+                else:
+                    body = read
         req = Request(
             method=request.method,
             path=request.path,

@@ -1,0 +1,33 @@
+"""The record of one request as it moves through the pipeline."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ._errors import HapaxError
+from ._usage import Usage
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did; filled in as it goes, logged and counted at the end."""
+
+    request_id: str
+    route: str
+    method: str
+    path: str
+    remote: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    provider: str = ""
+    status: int = 0
+    upstream_seconds: float = 0.0
+    ttft: float | None = None
+    usage: Usage | None = None
+    error: HapaxError | None = None
+    anthropic: bool = False
+    #: Attempts made upstream (retries and failovers included).
+    attempts: int = 0
+    #: Who called: a key's id, or "anonymous" when auth is off.
+    principal: str = "anonymous"
