@@ -31,3 +31,5 @@ class Exchange:
     attempts: int = 0
     #: Who called: a key's id, or "anonymous" when auth is off.
     principal: str = "anonymous"
+    #: Queue priority, 0 most urgent: ``x-hapax-priority`` capped by what the caller may ask.
+    priority: int = 5

@@ -22,12 +22,13 @@ from typing import Any
 
 import orjson
 
-from ._access import AccessControl, Admission
+from ._access import AccessControl, Admission, Principal
 from ._config import Config
 from ._dispatch import Dispatcher
 from ._errors import (
     HapaxError,
     InternalError,
+    InvalidField,
     MethodNotAllowed,
     ModelNotFound,
     RouteNotFound,
@@ -177,6 +178,7 @@ class Gateway:
             )
         principal = await self.access.authenticate(req, ex)
         ex.principal = principal.id
+        ex.priority = _priority(req.headers.get("x-hapax-priority"), principal)
         body = parse_body(req.body)
         validate(op, body)
         rt = self.runtime
@@ -394,6 +396,17 @@ class Gateway:
             if ex.error is not None:
                 fields["error_code"] = ex.error.code
             access_log.info("request", extra={"fields": fields})
+
+
+def _priority(header: str | None, principal: Principal) -> int:
+    """The caller's asked-for priority, never more urgent than their key allows."""
+    if header is None:
+        return principal.default_priority
+    try:
+        asked = int(header)
+    except ValueError:
+        raise InvalidField("x-hapax-priority must be an integer, 0 most urgent", param="x-hapax-priority") from None
+    return max(asked, principal.max_priority)
 
 
 def _route_name(path: str) -> str:
