@@ -41,8 +41,9 @@ class Translation:
     request: Callable[[dict[str, Any]], dict[str, Any]]
     #: target response body -> source response body
     response: Callable[[dict[str, Any], Usage], dict[str, Any]]
-    #: a fresh stream translator for one response; argument is the model name to report
-    stream: Callable[[str], StreamTranslator]
+    #: a fresh stream translator for one response, given the model name to report and the
+    #: source request body (stream translators need the client's flags, e.g. include_usage)
+    stream: Callable[[str, dict[str, Any]], StreamTranslator]
 
 
 class _Chained(StreamTranslator):
@@ -65,7 +66,10 @@ def compose(first: Translation, second: Translation) -> Translation:
         target=second.target,
         request=lambda body: second.request(first.request(body)),
         response=lambda body, usage: first.response(second.response(body, usage), usage),
-        stream=lambda model: _Chained(second.stream(model), first.stream(model)),
+        # The inner translator sees the body it was translated from, hence first.request again.
+        stream=lambda model, body: _Chained(
+            second.stream(model, first.request(body)), first.stream(model, body)
+        ),
     )
 
 

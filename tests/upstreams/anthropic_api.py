@@ -1,0 +1,187 @@
+"""An upstream that speaks Anthropic's Messages API (``POST /v1/messages``).
+
+Non-stream replies are ``message`` objects; streams are the documented event
+sequence, each with its ``event:`` line: ``message_start``, then per content
+block ``content_block_start`` / ``content_block_delta`` (``text_delta`` or
+``input_json_delta`` fragments) / ``content_block_stop``, a ``ping``,
+``message_delta`` with ``stop_reason`` and output usage, ``message_stop``.
+Errors use Anthropic's body ``{"type": "error", "error": {"type", "message"}}``.
+
+Like the real API it refuses a request without ``x-api-key`` (401) or
+``anthropic-version`` (400), without ``max_tokens``, with a ``system`` role
+inside ``messages``, or with a ``tool_result`` that answers no ``tool_use`` of
+the previous assistant turn.
+
+When the request has tools (and ``tool_choice`` is not ``none``) and its last
+turn is not a tool result, the reply is a short text block followed by a
+``tool_use`` of the first tool with input ``{"city": "Paris"}``.
+
+``state.faults`` scripts misbehaviour:
+
+    {"status": 400, "message": "..."}   an error status with Anthropic's error body
+    {"status": 529}                     overloaded_error
+    {"status": 429, "retry_after": 2}   rate limited, with Retry-After
+    {"hang": 5}                         sleep before answering
+    {"reset": True}                     close the connection without a response
+    {"truncate_stream_after": 2}        stream N events, then cut the connection
+    {"error_event_after": 2}            stream N events, then an ``error`` event
+    {"malformed": True}                 a 200 whose body is not JSON
+    {"chunk_delay": 0.01}               sleep between stream events
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .server import Seen, UpstreamState
+
+STATE = web.AppKey("anthropic_state", UpstreamState)
+
+INPUT_TOKENS = 12
+TOOL_PREAMBLE = "Let me check."
+TOOL_INPUT_FRAGMENTS = ('{"city": ', '"Paris"}')
+
+_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+          500: "api_error", 529: "overloaded_error"}
+
+
+def error_body(kind: str, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message},
+                         "request_id": "req_upstream1"})
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=error_body(_KINDS.get(status, "api_error"), message),
+                        headers={"content-type": "application/json", **(headers or {})})
+
+
+def _check(request: web.Request, body: Any) -> web.Response | None:
+    """The checks the real API makes that a translation could get wrong."""
+    if not request.headers.get("x-api-key"):
+        return _error(401, "x-api-key header is required")
+    if not request.headers.get("anthropic-version"):
+        return _error(400, "anthropic-version: header is required")
+    if not isinstance(body, dict):
+        return _error(400, "request body must be a JSON object")
+    for key in ("model", "messages", "max_tokens"):
+        if key not in body:
+            return _error(400, f"{key}: Field required")
+    prev_tools: set[str] = set()
+    for i, m in enumerate(body["messages"]):
+        if m.get("role") not in ("user", "assistant"):
+            return _error(400, f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        blocks = m["content"] if isinstance(m["content"], list) else []
+        if not isinstance(m["content"], list | str) or m["content"] == []:
+            return _error(400, f"messages.{i}: all messages must have non-empty content")
+        for b in blocks:
+            if b.get("type") == "tool_result" and b.get("tool_use_id") not in prev_tools:
+                return _error(400, f"messages.{i}: unexpected `tool_use_id` found in `tool_result` blocks")
+        prev_tools = {b["id"] for b in blocks if b.get("type") == "tool_use"}
+    return None
+
+
+def _usage(output: int) -> dict[str, Any]:
+    return {"input_tokens": INPUT_TOKENS, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+            "output_tokens": output}
+
+
+def _wants_tool(body: dict[str, Any]) -> str | None:
+    tools = body.get("tools")
+    if not tools or (body.get("tool_choice") or {}).get("type") == "none":
+        return None
+    last = body["messages"][-1]["content"]
+    if isinstance(last, list) and any(b.get("type") == "tool_result" for b in last):
+        return None
+    return str(tools[0]["name"])
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    state.seen.append(Seen(request.method, request.path, dict(request.query), dict(request.headers), body))
+    fault = state.next_fault() or {}
+    if "hang" in fault:
+        await asyncio.sleep(fault["hang"])
+    if fault.get("reset"):
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response(status=500)
+    if "status" in fault:
+        extra = {"retry-after": str(fault["retry_after"])} if "retry_after" in fault else {}
+        return _error(fault["status"], fault.get("message", "scripted"), extra)
+    if fault.get("malformed"):
+        return web.Response(status=200, body=b"<html>oops", content_type="text/html")
+    if (bad := _check(request, body)) is not None:
+        return bad
+
+    model = body["model"]
+    tool = _wants_tool(body)
+    words = [w if i == 0 else " " + w for i, w in enumerate(state.reply.split(" "))]
+    if tool:
+        blocks: list[dict[str, Any]] = [
+            {"type": "text", "text": TOOL_PREAMBLE},
+            {"type": "tool_use", "id": "toolu_up1", "name": tool, "input": {"city": "Paris"}},
+        ]
+        stop, out_tokens = "tool_use", 9
+    else:
+        blocks, stop, out_tokens = [{"type": "text", "text": state.reply}], "end_turn", len(words)
+    message = {"id": "msg_upstream1", "type": "message", "role": "assistant", "model": model,
+               "content": blocks, "stop_reason": stop, "stop_sequence": None, "usage": _usage(out_tokens)}
+    if not body.get("stream"):
+        return web.Response(body=orjson.dumps(message), content_type="application/json")
+
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("message_start", {"message": {**message, "content": [], "stop_reason": None, "usage": _usage(1)}}),
+    ]
+    for i, b in enumerate(blocks):
+        if b["type"] == "text":
+            events.append(("content_block_start", {"index": i, "content_block": {"type": "text", "text": ""}}))
+            if i == 0:
+                events.append(("ping", {}))
+            pieces = words if not tool else [b["text"]]
+            events.extend(("content_block_delta", {"index": i, "delta": {"type": "text_delta", "text": w}})
+                          for w in pieces)
+        else:
+            events.append(("content_block_start", {"index": i, "content_block": {**b, "input": {}}}))
+            events.extend(("content_block_delta", {"index": i, "delta": {"type": "input_json_delta",
+                                                                         "partial_json": f}})
+                          for f in ("", *TOOL_INPUT_FRAGMENTS))
+        events.append(("content_block_stop", {"index": i}))
+    events.append(("message_delta", {"delta": {"stop_reason": stop, "stop_sequence": None},
+                                     "usage": {"output_tokens": out_tokens}}))
+    events.append(("message_stop", {}))
+
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8",
+                                       "cache-control": "no-cache"})
+    await resp.prepare(request)
+    for n, (name, data) in enumerate(events):
+        if fault.get("truncate_stream_after") == n:
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        if fault.get("error_event_after") == n:
+            payload = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+            await resp.write(b"event: error\ndata: " + orjson.dumps(payload) + b"\n\n")
+            await resp.write_eof()
+            return resp
+        if fault.get("chunk_delay"):
+            await asyncio.sleep(fault["chunk_delay"])
+        await resp.write(f"event: {name}\n".encode() + b"data: " + orjson.dumps({"type": name, **data}) + b"\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def make_app(state: UpstreamState | None = None) -> web.Application:
+    app = web.Application()
+    app[STATE] = state or UpstreamState()
+    app.router.add_post("/v1/messages", messages)
+    return app
