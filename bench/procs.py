@@ -1,0 +1,129 @@
+"""Starting, pinning, probing and stopping the processes of one benchmark run."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of the whole process (all threads), from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+class Proc:
+    """A child process, optionally pinned with taskset (which execs, so the pid is the server's)."""
+
+    def __init__(self, name: str, cmd: list[str], log_dir: Path, *, cpus: str | None, env: dict[str, str]) -> None:
+        self.name = name
+        if cpus is not None:
+            cmd = ["taskset", "-c", cpus, *cmd]
+        self.cmd = cmd
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
+
+    def wait_http(self, url: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except Exception as exc:  # not up yet
+                last = exc
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not answer {url} within {timeout}s: {last}")
+
+    def wait_port(self, port: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not listen on {port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+_PROBE = r"""
+import json, os, sys, sysconfig
+args = sysconfig.get_config_var("CONFIG_ARGS") or ""
+real = os.path.realpath(sys.executable)
+base = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
+kind = "pyenv" if ".pyenv" in real or ".pyenv" in sys.base_prefix else (
+    "debian" if sys.base_prefix == "/usr" else "other")
+mods = {}
+for m in ("aiohttp", "uvloop", "orjson", "pydantic"):
+    try:
+        mods[m] = __import__(m).__version__
+    except Exception as exc:
+        mods[m] = "missing: " + type(exc).__name__
+print(json.dumps({"executable": sys.executable, "realpath": real, "base_prefix": sys.base_prefix,
+    "base_python": base, "version": sys.version, "kind": kind,
+    "pgo": "--enable-optimizations" in args, "lto": "--with-lto" in args, "modules": mods}))
+"""
+
+
+def interpreter_info(python: str) -> dict[str, object]:
+    out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=30, check=True)
+    info: dict[str, object] = json.loads(out.stdout)
+    return info
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds all CPUs spent busy (not idle/iowait), from the ``cpu`` line of /proc/stat."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in parts[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    """CPU of waited-for children (wrk), user+system."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime

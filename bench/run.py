@@ -1,0 +1,373 @@
+"""``python -m bench``: upstream direct vs a bare aiohttp proxy vs Hapax, in one run.
+
+See bench/README.md. Every load is wrk against 127.0.0.1, bounded by --duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import profile, wrk
+from .procs import ROOT, Proc, children_cpu_seconds, free_port, interpreter_info, system_busy_seconds
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = ("direct", "proxy", "hapax")
+MODES = ("nonstream", "stream")
+
+
+@dataclass
+class Row:
+    mode: str
+    connections: int
+    target: str
+    wrk: wrk.WrkResult
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    def server_cpu_us(self) -> float | None:
+        """µs of CPU per request in the process under test (the upstream itself for ``direct``)."""
+        name = "upstream" if self.target == "direct" else self.target
+        s = self.cpu_s.get(name)
+        return s * 1e6 / self.wrk.requests if s is not None and self.wrk.requests else None
+
+    def upstream_cpu_us(self) -> float | None:
+        s = self.cpu_s.get("upstream")
+        return s * 1e6 / self.wrk.requests if s is not None and self.wrk.requests else None
+
+    def core_util(self) -> float | None:
+        name = "upstream" if self.target == "direct" else self.target
+        s = self.cpu_s.get(name)
+        return 100 * s / self.wrk.duration_s if s is not None and self.wrk.duration_s else None
+
+    def foreign_pct(self) -> float | None:
+        """CPU used by processes outside the benchmark during the run, in % of one core."""
+        s = self.cpu_s.get("foreign")
+        return 100 * s / self.wrk.duration_s if s is not None and self.wrk.duration_s else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "connections": self.connections,
+            "target": self.target,
+            "wrk": self.wrk.as_dict(),
+            "cpu_seconds": self.cpu_s,
+            "server_cpu_us_per_request": self.server_cpu_us(),
+            "upstream_cpu_us_per_request": self.upstream_cpu_us(),
+            "server_core_utilisation_pct": self.core_util(),
+            "foreign_cpu_pct_of_one_core": self.foreign_pct(),
+        }
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load per target (10)")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each (2)")
+    p.add_argument("--connections", default="50", help="wrk connections; a comma list runs each (50)")
+    p.add_argument("--only", choices=MODES, help="run only non-streaming or only streaming")
+    p.add_argument("--targets", default=",".join(TARGETS), help="subset of direct,proxy,hapax")
+    p.add_argument("--chunks", type=int, default=20, help="content chunks per upstream stream (20)")
+    p.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter for Hapax and the proxy (needs the deps importable; see README)",
+    )
+    p.add_argument("--gateway-cpus", default="1", help="taskset list for Hapax and the proxy (1)")
+    p.add_argument("--load-cpus", default="0", help="taskset list for the upstream and wrk (0)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin anything")
+    p.add_argument("--wrk-threads", type=int, default=1)
+    p.add_argument(
+        "--profile",
+        choices=("py-spy", "cprofile"),
+        help="after the runs, profile Hapax under the same load for --profile-duration",
+    )
+    p.add_argument("--profile-duration", type=float, default=10.0)
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60.0,
+        help="before each measured run, wait up to this many seconds for other work on the machine "
+        "to drop under 10%% of a core (60; 0 disables)",
+    )
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
+    return p.parse_args(argv)
+
+
+def _hapax_config(port: int, upstream_port: int, pool: int) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": port},
+        "logging": {"level": "warning", "access_log": False},
+        "providers": {
+            "bench": {
+                "type": "openai",
+                "base_url": f"http://127.0.0.1:{upstream_port}/v1",
+                "api_key": "sk-upstream-bench",
+                "pool_size": pool,
+            }
+        },
+        "models": [{"name": wrk.MODEL, "provider": "bench", "model": "bench-upstream-model"}],
+    }
+
+
+def _post(url: str, stream: bool) -> tuple[int, bytes]:
+    req = urllib.request.Request(
+        url,
+        data=wrk.request_body(stream),
+        headers={"content-type": "application/json", "authorization": f"Bearer {wrk.API_KEY}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status, r.read()
+
+
+def _sanity(name: str, url: str, chunks: int) -> None:
+    status, body = _post(url, False)
+    data = json.loads(body)
+    if status != 200 or not data.get("choices"):
+        raise RuntimeError(f"{name}: bad non-streaming reply {status}: {body[:300]!r}")
+    status, body = _post(url, True)
+    events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+    if status != 200 or events[-1] != b"data: [DONE]" or len(events) != chunks + 2:
+        raise RuntimeError(f"{name}: bad stream ({status}, {len(events)} events): {body[:300]!r}")
+
+
+def _wait_quiet(procs: dict[str, Proc], limit_s: float) -> float:
+    """Wait (up to ``limit_s``) until CPU used outside our processes is under 10% of a core."""
+    t0 = time.monotonic()
+    while True:
+        ours0, sys0 = sum(p.cpu() for p in procs.values()), system_busy_seconds()
+        time.sleep(1.0)
+        foreign = (system_busy_seconds() - sys0) - (sum(p.cpu() for p in procs.values()) - ours0)
+        waited = time.monotonic() - t0
+        if foreign < 0.10 or waited >= limit_s:
+            return waited
+
+
+def _git_state() -> dict[str, Any]:
+    """Which code was measured: HEAD and the files under hapax/ and node/ changed since (read-only git)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return r.stdout.strip()
+
+    try:
+        return {"head": git("rev-parse", "HEAD"),
+                "dirty": git("status", "--porcelain", "--", "hapax", "node").splitlines()}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def render(rows: list[Row]) -> str:
+    head = (
+        f"{'mode':<10} {'conns':>5} {'target':<7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'CPU us/req':>10} {'core %':>6} {'upstr us/req':>12} {'errors':>6} {'foreign %':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        w = r.wrk
+        errs = w.errors_connect + w.errors_read + w.errors_write + w.errors_timeout + w.non_2xx
+        lines.append(
+            f"{r.mode:<10} {r.connections:>5} {r.target:<7} {w.rps:>9.0f} {w.p50_ms:>8.2f} {w.p99_ms:>8.2f} "
+            f"{_fmt(r.server_cpu_us(), '>10.0f')} {_fmt(r.core_util(), '>6.0f')} "
+            f"{_fmt(r.upstream_cpu_us(), '>12.0f')} {errs:>6} {_fmt(r.foreign_pct(), '>9.0f')}"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    groups: dict[tuple[str, int], dict[str, Row]] = {}
+    for r in rows:
+        groups.setdefault((r.mode, r.connections), {})[r.target] = r
+    for (mode, conns), g in groups.items():
+        h = g.get("hapax")
+        if h is None:
+            continue
+        entry: dict[str, Any] = {"mode": mode, "connections": conns}
+        for base in ("direct", "proxy"):
+            b = g.get(base)
+            if b is None or not b.wrk.rps:
+                continue
+            entry[f"rps_hapax_over_{base}"] = h.wrk.rps / b.wrk.rps
+            entry[f"p50_added_vs_{base}_ms"] = h.wrk.p50_ms - b.wrk.p50_ms
+            entry[f"p99_added_vs_{base}_ms"] = h.wrk.p99_ms - b.wrk.p99_ms
+        p, hc = g.get("proxy"), h.server_cpu_us()
+        if p is not None and hc is not None and (pc := p.server_cpu_us()):
+            entry["cpu_per_request_hapax_over_proxy"] = hc / pc
+        out.append(entry)
+    return out
+
+
+def render_ratios(rs: list[dict[str, Any]]) -> str:
+    lines = []
+    for e in rs:
+        parts = [f"{e['mode']:<10} c={e['connections']:<4}"]
+        if "rps_hapax_over_direct" in e:
+            parts.append(f"req/s Hapax/direct {e['rps_hapax_over_direct']:.2f}")
+            parts.append(f"p50 +{e['p50_added_vs_direct_ms']:.2f} ms vs direct")
+        if "rps_hapax_over_proxy" in e:
+            parts.append(f"req/s Hapax/proxy {e['rps_hapax_over_proxy']:.2f}")
+            parts.append(f"p50 {e['p50_added_vs_proxy_ms']:+.2f} ms vs proxy")
+        if "cpu_per_request_hapax_over_proxy" in e:
+            parts.append(f"CPU/req Hapax/proxy {e['cpu_per_request_hapax_over_proxy']:.2f}")
+        lines.append("  ".join(parts))
+    return "\n".join(lines)
+
+
+def _describe(info: dict[str, Any]) -> str:
+    version = str(info["version"]).split()[0]
+    flags = ",".join(f for f in ("pgo", "lto") if info.get(f)) or (
+        "pgo/lto not visible in sysconfig (distro build)" if info["kind"] == "debian" else "no pgo/lto")
+    return f"{info['kind']} Python {version} ({info['realpath']}; {flags}; uvloop {info['modules']['uvloop']})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _args(argv)
+    targets = [t for t in a.targets.split(",") if t]
+    if unknown := set(targets) - set(TARGETS):
+        raise SystemExit(f"unknown targets: {sorted(unknown)}")
+    modes = [a.only] if a.only else list(MODES)
+    conns_list = [int(c) for c in str(a.connections).split(",")]
+    ncpu = os.cpu_count() or 1
+    pin = not a.no_pin and ncpu >= 2
+    gw_cpus = a.gateway_cpus if pin else None
+    load_cpus = a.load_cpus if pin else None
+
+    gw_info = interpreter_info(a.python)
+    bench_info = interpreter_info(sys.executable)
+    print(f"gateway/proxy interpreter: {_describe(gw_info)}")
+    print(f"upstream interpreter:      {_describe(bench_info)}")
+    pinning = f"gateway+proxy on CPU {a.gateway_cpus}, upstream+wrk on CPU {a.load_cpus}" if pin else "none"
+    print(f"pinning: {pinning}")
+
+    tmp = Path(tempfile.mkdtemp(prefix="hapax-bench-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    up_port, proxy_port, hapax_port = free_port(), free_port(), free_port()
+    pool = max(100, max(conns_list))
+    cfg_path = tmp / "hapax.yaml"
+    cfg_path.write_text(yaml.safe_dump(_hapax_config(hapax_port, up_port, pool)))
+    scripts = {m: wrk.write_script(tmp, m == "stream") for m in MODES}
+    urls = {
+        "direct": f"http://127.0.0.1:{up_port}/v1/chat/completions",
+        "proxy": f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
+        "hapax": f"http://127.0.0.1:{hapax_port}/v1/chat/completions",
+    }
+    procs: dict[str, Proc] = {}
+    rows: list[Row] = []
+    profiles: dict[str, Any] = {}
+    started = dt.datetime.now().astimezone()
+    try:
+        procs["upstream"] = Proc(
+            "upstream",
+            [sys.executable, "-m", "bench.upstream", "--port", str(up_port), "--chunks", str(a.chunks)],
+            tmp, cpus=load_cpus, env=env,
+        )
+        procs["upstream"].wait_port(up_port)
+        if "proxy" in targets:
+            procs["proxy"] = Proc(
+                "proxy",
+                [a.python, "-m", "bench.proxy", "--port", str(proxy_port),
+                 "--upstream", f"http://127.0.0.1:{up_port}"],
+                tmp, cpus=gw_cpus, env=env,
+            )
+            procs["proxy"].wait_port(proxy_port)
+        if "hapax" in targets:
+            procs["hapax"] = Proc(
+                "hapax", [a.python, "-m", "node", "serve", "--config", str(cfg_path)], tmp, cpus=gw_cpus, env=env
+            )
+            procs["hapax"].wait_http(f"http://127.0.0.1:{hapax_port}/health/ready")
+        for t in targets:
+            _sanity(t, urls[t], a.chunks)
+
+        for mode in modes:
+            for conns in conns_list:
+                for t in targets:
+                    kw = {"connections": conns, "threads": min(a.wrk_threads, conns), "cpus": load_cpus}
+                    if a.wait_quiet > 0:
+                        _wait_quiet(procs, a.wait_quiet)
+                    if a.warmup > 0:
+                        wrk.run(urls[t], scripts[mode], duration=a.warmup, **kw)
+                    before = {n: p.cpu() for n, p in procs.items()}
+                    sys0, wrk0 = system_busy_seconds(), children_cpu_seconds()
+                    res, _ = wrk.run(urls[t], scripts[mode], duration=a.duration, **kw)
+                    sys1, wrk1 = system_busy_seconds(), children_cpu_seconds()
+                    cpu = {n: p.cpu() - before[n] for n, p in procs.items()}
+                    cpu["wrk"] = wrk1 - wrk0
+                    # Everything busy on the machine that is not ours: other users' work skews results.
+                    cpu["foreign"] = max(0.0, (sys1 - sys0) - sum(cpu.values()))
+                    for p in procs.values():
+                        p.check()
+                    row = Row(mode, conns, t, res, cpu)
+                    rows.append(row)
+                    print(render([row]).splitlines()[-1], flush=True)
+
+        if a.profile and "hapax" in procs:
+            for mode in modes:
+                conns = conns_list[-1]
+                print(f"profiling Hapax ({a.profile}, {mode}, c={conns}, {a.profile_duration:.0f}s) ...", flush=True)
+                profiles[mode] = profile.profile_hapax(
+                    a.profile, procs["hapax"], urls["hapax"], scripts[mode], tmp, mode,
+                    duration=a.profile_duration, connections=conns, load_cpus=load_cpus,
+                    python=a.python, cfg_path=cfg_path, gw_cpus=gw_cpus, env=env,
+                )
+    finally:
+        for p in reversed(list(procs.values())):
+            p.stop()
+
+    print()
+    print(f"Hapax benchmark  {started:%Y-%m-%d %H:%M %Z}  {ncpu} CPUs  {platform.node()}")
+    print(f"gateway/proxy interpreter: {_describe(gw_info)}")
+    print(f"  sys.version: {gw_info['version']}")
+    print(f"duration {a.duration:g}s per target after {a.warmup:g}s warm-up; wrk -t{a.wrk_threads}; "
+          f"stream = {a.chunks} chunks + usage + [DONE]")
+    print()
+    print(render(rows))
+    noisy = [r for r in rows if (r.foreign_pct() or 0) > 10]
+    if noisy:
+        print(f"WARNING: {len(noisy)} run(s) shared the machine with other work (foreign % > 10): "
+              "their figures are low; rerun when the machine is quiet.")
+    print()
+    rs = ratios(rows)
+    print(render_ratios(rs))
+    for mode, prof in profiles.items():
+        print()
+        print(f"Hapax profile ({mode}): {prof.get('summary_path')}")
+        print(prof.get("text", ""))
+
+    if not a.no_save:
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"{started:%Y%m%dT%H%M%S}.json"
+        out.write_text(json.dumps({
+            "started": started.isoformat(),
+            "finished": dt.datetime.now().astimezone().isoformat(),
+            "source": _git_state(),
+            "host": {"cpus": ncpu, "node": platform.node(), "platform": platform.platform()},
+            "interpreter": {"gateway_and_proxy": gw_info, "upstream_and_bench": bench_info},
+            "settings": {
+                "duration_s": a.duration, "warmup_s": a.warmup, "connections": conns_list,
+                "wrk_threads": a.wrk_threads, "chunks": a.chunks, "modes": modes, "targets": targets,
+                "pinning": {"gateway_and_proxy": gw_cpus, "upstream_and_wrk": load_cpus},
+                "request_bytes": {m: len(wrk.request_body(m == "stream")) for m in MODES},
+            },
+            "results": [r.as_dict() for r in rows],
+            "ratios": rs,
+            "profiles": {m: {k: v for k, v in p.items() if k != "text"} for m, p in profiles.items()},
+        }, indent=2))
+        print(f"\nwrote {out.relative_to(ROOT)}")
+    return 0
