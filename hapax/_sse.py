@@ -33,21 +33,23 @@ class SSEDecoder:
         self._buf = b""
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        buf = self._buf + chunk
+        buf = self._buf + chunk if self._buf else chunk
         if b"\r" in buf:
             # Normalise line ends, but keep a trailing \r: its \n may be in the next chunk.
             tail = b"\r" if buf.endswith(b"\r") else b""
             buf = buf[: len(buf) - len(tail)].replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
         events: list[SSEEvent] = []
+        # Scan with an index and slice the remainder once: a read often holds many events.
+        pos = 0
         while True:
-            end = buf.find(b"\n\n")
+            end = buf.find(b"\n\n", pos)
             if end < 0:
                 break
-            block, buf = buf[:end], buf[end + 2 :]
-            ev = _parse_block(block)
+            ev = _parse_block(buf[pos:end])
             if ev is not None:
                 events.append(ev)
-        self._buf = buf
+            pos = end + 2
+        self._buf = buf[pos:] if pos else buf
         return events
 
     def close(self) -> SSEEvent | None:
@@ -60,6 +62,9 @@ class SSEDecoder:
 
 
 def _parse_block(block: bytes) -> SSEEvent | None:
+    # Fast path: the usual OpenAI event is one "data: ..." line.
+    if block.startswith(b"data: ") and b"\n" not in block:
+        return SSEEvent(data=block[6:])
     data: list[bytes] = []
     event: str | None = None
     for line in block.split(b"\n"):
