@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import orjson
 
 from hapax import ConfigError, __version__, config_schema, default_config, load_config
+
+from . import access_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,11 +26,14 @@ def _parser() -> argparse.ArgumentParser:
     v = csub.add_parser("validate", help="check a config file; exit 1 naming the bad key")
     v.add_argument("file", type=Path)
     csub.add_parser("schema", help="print the config's JSON Schema")
+    access_cli.add_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("keys", "audit"):
+        return access_cli.run(args)
     if args.command == "config":
         if args.config_command == "schema":
             sys.stdout.write(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -56,8 +60,6 @@ def main(argv: list[str] | None = None) -> int:
             overrides["port"] = args.port
         if overrides:
             cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
-        if args.config is None:
-            logging.getLogger("hapax.node").info("no --config: serving the embedded demo")
         serve(cfg, config_path=args.config)
         return 0
     return 2

@@ -1,0 +1,286 @@
+"""The admin API under ``/admin``: keys, usage, config, cluster.
+
+Theory of operation: every route names the one permission it needs
+(``ROUTES``); the caller is identified from their credential in any auth
+mode (with ``auth.mode: none`` only the bootstrap admin key or a stored key
+gets in) and checked against the role table in ``hapax._roles``. Every
+admin call is audited (``admin.request``, or ``admin.denied`` when the role
+lacks the permission), and every change is audited with its own event.
+
+    GET    /admin/whoami                 any valid key
+    GET    /admin/keys                   manage_keys   ?team=&include_revoked=true
+    POST   /admin/keys                   manage_keys   201, the secret once
+    GET    /admin/keys/{id}              manage_keys
+    PATCH  /admin/keys/{id}              manage_keys
+    POST   /admin/keys/{id}/rotate       manage_keys   the new secret once; the old one stops at once
+    POST   /admin/keys/{id}/revoke       manage_keys   (also DELETE /admin/keys/{id})
+    GET    /admin/usage                  read_usage    ?key=&team=&model=&from=&to=&format=json|csv
+    GET    /admin/config                 manage_config the config in force, secrets redacted
+    GET    /admin/cluster                view_cluster  this node (the cluster issue adds the rest)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._access_config import Budget, RateLimits
+from ._errors import BadRequest, InvalidField, InvalidJSON, MethodNotAllowed, NotFound, PermissionDenied
+from ._exchange import Exchange
+from ._http import Request, Response
+from ._keys import KeyRecord, Role, hash_secret, hint_of, mint_secret, new_key_id
+from ._roles import ROLE_PERMISSIONS, Permission
+from ._usage_ledger import to_csv
+
+if TYPE_CHECKING:
+    from ._access import AccessControl, Principal
+
+_JSON = {"content-type": "application/json"}
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    owner: str = Field("", max_length=200)
+    team: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
+    role: Role = "developer"
+    models: list[str] | None = None
+    limits: RateLimits = Field(default_factory=RateLimits)
+    budget: Budget = Field(default_factory=Budget)
+    max_priority: int = Field(0, ge=0, le=9)
+    default_priority: int = Field(5, ge=0, le=9)
+    expires_at: float | None = Field(None, description="Unix seconds")
+    expires_in_days: float | None = Field(None, gt=0)
+
+
+class KeyUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=200)
+    owner: str | None = Field(None, max_length=200)
+    team: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
+    role: Role | None = None
+    models: list[str] | None = None
+    limits: RateLimits | None = None
+    budget: Budget | None = None
+    max_priority: int | None = Field(None, ge=0, le=9)
+    default_priority: int | None = Field(None, ge=0, le=9)
+    expires_at: float | None = None
+
+
+Handler = Callable[["AccessControl", Request, Exchange, "Principal", str], Response]
+
+
+def _json(status: int, body: Any) -> Response:
+    return Response(status, dict(_JSON), orjson.dumps(body))
+
+
+def _body(req: Request) -> Any:
+    if not req.body:
+        return {}
+    try:
+        return orjson.loads(req.body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
+
+
+def _validate(model: type[BaseModel], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise InvalidField(f"{loc}: {msg}", param=loc or None) from None
+
+
+def _get(ac: AccessControl, key_id: str) -> KeyRecord:
+    rec = ac.keys.get(key_id)
+    if rec is None:
+        raise NotFound(f"no key with id '{key_id}'", code="key_not_found")
+    return rec
+
+
+def _check_models(ac: AccessControl, models: list[str] | None) -> tuple[str, ...] | None:
+    if models is None or not ac.check_models:
+        return tuple(models) if models is not None else None
+    known = {n for m in ac.config.models for n in (m.name, *m.aliases)}
+    unknown = [m for m in models if m not in known]
+    if unknown:
+        raise InvalidField(f"unknown models: {unknown}; configured: {sorted(known)}", param="models")
+    return tuple(models)
+
+
+def _audit(ac: AccessControl, event: str, ex: Exchange, who: Principal, target: str | None, **details: Any) -> None:
+    ac.audit.record(event, actor=who.id, remote=ex.remote, request_id=ex.request_id, target=target,
+                    details=details)
+
+
+# -- handlers ----------------------------------------------------------------------------
+
+
+def whoami(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+    return _json(200, {
+        "id": who.id, "name": who.name, "role": who.role, "team": who.team,
+        "permissions": sorted(p.value for p in ROLE_PERMISSIONS.get(who.role, frozenset())),
+        "models": sorted(who.models) if who.models is not None else None,
+    })
+
+
+def list_keys(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+    team = req.query.get("team")
+    include_revoked = req.query.get("include_revoked", "").lower() in ("1", "true", "yes")
+    data = [
+        r.public() for r in ac.keys.all()
+        if (team is None or r.team == team) and (include_revoked or not r.revoked)
+    ]
+    return _json(200, {"object": "list", "data": data})
+
+
+def create_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+    spec: KeyCreate = _validate(KeyCreate, _body(req))
+    now = ac._now()
+    expires = spec.expires_at
+    if spec.expires_in_days is not None:
+        expires = now + spec.expires_in_days * 86400
+    secret = mint_secret()
+    rec = KeyRecord(
+        id=new_key_id(), name=spec.name, owner=spec.owner, team=spec.team, role=spec.role,
+        models=_check_models(ac, spec.models), limits=spec.limits, budget=spec.budget,
+        max_priority=spec.max_priority, default_priority=spec.default_priority,
+        expires_at=expires, created_at=now, hash=hash_secret(secret), hint=hint_of(secret),
+    )
+    ac.keys.put(rec)
+    ac.key_changed()
+    _audit(ac, "key.created", ex, who, rec.id, name=rec.name, owner=rec.owner, team=rec.team, role=rec.role)
+    return _json(201, {**rec.public(), "key": secret,
+                       "warning": "store this key now: it is shown only once"})
+
+
+def show_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
+    return _json(200, _get(ac, key_id).public())
+
+
+def update_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
+    rec = _get(ac, key_id)
+    spec: KeyUpdate = _validate(KeyUpdate, _body(req))
+    changes: dict[str, Any] = {}
+    for name in spec.model_fields_set:
+        value = getattr(spec, name)
+        if name == "models":
+            value = _check_models(ac, value)
+        elif value is None and name not in ("team", "expires_at"):
+            raise InvalidField(f"{name} cannot be null", param=name)
+        changes[name] = value
+    new = rec.model_copy(update=changes)
+    KeyRecord.model_validate(new.model_dump())  # the update must still make a valid record
+    ac.keys.put(new)
+    ac.key_changed()
+    _audit(ac, "key.updated", ex, who, rec.id, fields=sorted(changes))
+    if "role" in changes and changes["role"] != rec.role:
+        _audit(ac, "key.role_changed", ex, who, rec.id, **{"from": rec.role, "to": new.role})
+    return _json(200, new.public())
+
+
+def rotate_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
+    rec = _get(ac, key_id)
+    if rec.revoked:
+        raise BadRequest(f"key '{key_id}' is revoked; create a new one", code="key_revoked")
+    secret = mint_secret()
+    new = rec.model_copy(update={"hash": hash_secret(secret), "hint": hint_of(secret), "rotated_at": ac._now()})
+    ac.keys.put(new)
+    _audit(ac, "key.rotated", ex, who, rec.id)
+    return _json(200, {**new.public(), "key": secret, "warning": "store this key now: it is shown only once"})
+
+
+def revoke_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
+    rec = _get(ac, key_id)
+    if not rec.revoked:
+        rec = rec.model_copy(update={"revoked_at": ac._now()})
+        ac.keys.put(rec)
+        _audit(ac, "key.revoked", ex, who, rec.id)
+    return _json(200, rec.public())
+
+
+def usage(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+    q = req.query
+    since, until = q.get("from"), q.get("to")
+    for name, v in (("from", since), ("to", until)):
+        if v is not None and not _DAY.match(v):
+            raise InvalidField(f"{name} must be a day, YYYY-MM-DD", param=name)
+    rows = ac.ledger.query(key=q.get("key"), team=q.get("team"), model=q.get("model"), since=since, until=until)
+    fmt = q.get("format", "json")
+    if fmt == "csv":
+        return Response(200, {"content-type": "text/csv; charset=utf-8"}, to_csv(rows).encode())
+    if fmt != "json":
+        raise InvalidField("format must be json or csv", param="format")
+    totals = {k: sum(r[k] for r in rows) for k in (
+        "requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost_usd")}
+    totals["cost_usd"] = round(totals["cost_usd"], 8)
+    return _json(200, {"object": "list", "data": rows, "totals": totals})
+
+
+def show_config(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+    doc = ac.config.model_dump(mode="json")  # SecretStr values dump as '**********'
+    for p in doc.get("providers", {}).values():
+        # Extra upstream headers often carry credentials too.
+        p["headers"] = {k: "**********" for k in p.get("headers", {})}
+    return _json(200, doc)
+
+
+def cluster(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+    return _json(200, {"nodes": [{
+        "id": ac.node_id, "started_at": ac.started_at, "auth_mode": ac.config.auth.mode,
+        "state": "memory" if ac.state_dir is None else "local",
+    }]})
+
+
+#: (method, path pattern, permission or None for any valid key, handler)
+ROUTES: tuple[tuple[str, str, Permission | None, Handler], ...] = (
+    ("GET", "/admin/whoami", None, whoami),
+    ("GET", "/admin/keys", Permission.MANAGE_KEYS, list_keys),
+    ("POST", "/admin/keys", Permission.MANAGE_KEYS, create_key),
+    ("GET", "/admin/keys/{id}", Permission.MANAGE_KEYS, show_key),
+    ("PATCH", "/admin/keys/{id}", Permission.MANAGE_KEYS, update_key),
+    ("DELETE", "/admin/keys/{id}", Permission.MANAGE_KEYS, revoke_key),
+    ("POST", "/admin/keys/{id}/rotate", Permission.MANAGE_KEYS, rotate_key),
+    ("POST", "/admin/keys/{id}/revoke", Permission.MANAGE_KEYS, revoke_key),
+    ("GET", "/admin/usage", Permission.READ_USAGE, usage),
+    ("GET", "/admin/config", Permission.MANAGE_CONFIG, show_config),
+    ("GET", "/admin/cluster", Permission.VIEW_CLUSTER, cluster),
+)
+
+_ID = r"(key_[0-9a-f]{16})"
+_COMPILED = [
+    (method, re.compile("^" + pattern.replace("{id}", _ID) + "$"), perm, fn)
+    for method, pattern, perm, fn in ROUTES
+]
+
+
+def handle(ac: AccessControl, req: Request, ex: Exchange) -> Response | None:
+    path = req.path.rstrip("/")
+    matches = [(m, rx.match(path), perm, fn) for m, rx, perm, fn in _COMPILED]
+    matches = [x for x in matches if x[1] is not None]
+    if not matches:
+        return None
+    ex.route = "admin"
+    who = ac.identify(req, ex)
+    ex.principal = who.id
+    method = "GET" if req.method == "HEAD" else req.method
+    for m, match, perm, fn in matches:
+        if m != method:
+            continue
+        assert match is not None
+        if perm is not None and perm not in ROLE_PERMISSIONS.get(who.role, frozenset()):
+            _audit(ac, "admin.denied", ex, who, None, method=req.method, path=path, needs=perm.value)
+            raise PermissionDenied(f"role '{who.role}' lacks the '{perm.value}' permission")
+        _audit(ac, "admin.request", ex, who, None, method=req.method, path=path)
+        return fn(ac, req, ex, who, match.group(1) if match.groups() else "")
+    allowed = sorted({m for m, *_ in matches})
+    raise MethodNotAllowed(f"{path} accepts {', '.join(allowed)}")

@@ -1,0 +1,273 @@
+"""API keys: minting, hashing, and the stores that keep them.
+
+Theory of operation: a key is ``hpx_`` followed by 32 random bytes in
+url-safe base64 (43 characters). It is shown once, when minted or rotated;
+what is stored is its SHA-256, which is enough for a key with 256 bits of
+entropy (no salt or slow hash needed: there is nothing to guess). A lookup
+hashes the presented credential, finds the record by digest and compares the
+digests again with ``hmac.compare_digest``.
+
+A ``KeyStore`` holds ``KeyRecord`` objects by id. Two backends:
+
+- ``MemoryKeyStore``: one process, gone on exit (tests, demos);
+- ``FileKeyStore``: one JSON file, rewritten atomically (temp file, fsync,
+  rename, fsync of the directory) under an advisory lock, so the CLI and a
+  running node can both change it. The node re-reads the file when its
+  modification stamp changes, so a key revoked by the CLI stops working on
+  the next request.
+
+``last_used_at`` changes on every call; it is kept in memory and written with
+the next change or ``flush`` (a lost last-used time is harmless, an fsync per
+request is not).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import os
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._access_config import Budget, RateLimits
+
+KEY_PREFIX = "hpx_"
+#: 256 bits: brute force is out of reach, so a plain SHA-256 is a safe stored form.
+KEY_BYTES = 32
+ID_PREFIX = "key_"
+
+Role = Literal["admin", "operator", "developer", "viewer"]
+
+
+def mint_secret() -> str:
+    return KEY_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(KEY_BYTES)).rstrip(b"=").decode()
+
+
+def new_key_id() -> str:
+    return ID_PREFIX + secrets.token_hex(8)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def looks_like_key(secret: str) -> bool:
+    return secret.startswith(KEY_PREFIX) and len(secret) >= len(KEY_PREFIX) + 43
+
+
+class KeyRecord(BaseModel):
+    """One API key as stored: never the secret, only its hash and a short hint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    name: str = Field(min_length=1, max_length=200)
+    owner: str = Field("", max_length=200)
+    team: str | None = Field(None, max_length=100)
+    role: Role = "developer"
+    #: Public model names the key may call; ``None`` means every model.
+    models: tuple[str, ...] | None = None
+    limits: RateLimits = Field(default_factory=RateLimits)
+    budget: Budget = Field(default_factory=Budget)
+    #: Highest queue priority (0 most urgent) the key may ask for.
+    max_priority: int = Field(0, ge=0, le=9)
+    default_priority: int = Field(5, ge=0, le=9)
+    #: Unix seconds; ``None`` never expires.
+    expires_at: float | None = None
+    created_at: float
+    last_used_at: float | None = None
+    rotated_at: float | None = None
+    revoked_at: float | None = None
+    #: SHA-256 of the secret, hex.
+    hash: str
+    #: The first characters of the secret, so people can tell keys apart in lists.
+    hint: str
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def public(self) -> dict[str, Any]:
+        """What the admin API shows: everything but the hash."""
+        out = self.model_dump(mode="json", exclude={"hash"})
+        out["revoked"] = self.revoked
+        return out
+
+
+def hint_of(secret: str) -> str:
+    return secret[: len(KEY_PREFIX) + 6] + "..."
+
+
+class KeyStore(ABC):
+    """Keys by id and by hash. Implementations must make ``put`` visible to ``by_hash`` at once."""
+
+    @abstractmethod
+    def by_hash(self, digest: str) -> KeyRecord | None: ...
+
+    @abstractmethod
+    def get(self, key_id: str) -> KeyRecord | None: ...
+
+    @abstractmethod
+    def all(self) -> list[KeyRecord]: ...
+
+    @abstractmethod
+    def put(self, record: KeyRecord) -> None: ...
+
+    @abstractmethod
+    def touch(self, key_id: str, now: float) -> None:
+        """Note a use; cheap, persisted lazily."""
+
+    def flush(self) -> None:
+        return None
+
+
+class MemoryKeyStore(KeyStore):
+    def __init__(self) -> None:
+        self._by_id: dict[str, KeyRecord] = {}
+        self._by_hash: dict[str, str] = {}
+        #: Last-used times not yet folded into the records: a dict store per call, not a copy.
+        self._used: dict[str, float] = {}
+
+    def _load(self, records: list[KeyRecord]) -> None:
+        self._by_id = {r.id: r for r in records}
+        self._by_hash = {r.hash: r.id for r in records}
+
+    def by_hash(self, digest: str) -> KeyRecord | None:
+        key_id = self._by_hash.get(digest)
+        if key_id is None:
+            return None
+        rec = self._by_id[key_id]
+        # The dict lookup found it by equality; compare again in constant time so the
+        # check itself never depends on timing.
+        return rec if hmac.compare_digest(rec.hash, digest) else None
+
+    def _fold(self) -> None:
+        for key_id, t in self._used.items():
+            rec = self._by_id.get(key_id)
+            if rec is not None and rec.last_used_at != t:
+                self._by_id[key_id] = rec.model_copy(update={"last_used_at": t})
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        self._fold()
+        return self._by_id.get(key_id)
+
+    def all(self) -> list[KeyRecord]:
+        self._fold()
+        return sorted(self._by_id.values(), key=lambda r: (r.created_at, r.id))
+
+    def put(self, record: KeyRecord) -> None:
+        old = self._by_id.get(record.id)
+        if old is not None and old.hash != record.hash:
+            self._by_hash.pop(old.hash, None)
+        self._by_id[record.id] = record
+        self._by_hash[record.hash] = record.id
+
+    def touch(self, key_id: str, now: float) -> None:
+        self._used[key_id] = now
+
+
+class FileKeyStore(MemoryKeyStore):
+    """Keys in ``<dir>/keys.json``; every change is a locked read-modify-atomic-write."""
+
+    FILE = "keys.json"
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        super().__init__()
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = self.dir / self.FILE
+        self._lock_path = self.dir / ".keys.lock"
+        self._stamp: tuple[int, int, int] | None = None
+        self._dirty_use = False
+        self._refresh()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _refresh(self) -> None:
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return
+        records: list[KeyRecord] = []
+        if stamp is not None:
+            data = orjson.loads(self.path.read_bytes())
+            records = [KeyRecord.model_validate(r) for r in data.get("keys", [])]
+        self._load(records)
+        self._stamp = stamp
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _write(self) -> None:
+        data = {"version": 1, "keys": [r.model_dump(mode="json") for r in self.all()]}
+        atomic_write(self.path, orjson.dumps(data, option=orjson.OPT_INDENT_2))
+        self._stamp = self._file_stamp()
+
+    def by_hash(self, digest: str) -> KeyRecord | None:
+        # A stat per lookup (~1 µs) is what makes a CLI revocation take effect at once.
+        self._refresh()
+        return super().by_hash(digest)
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        self._refresh()
+        return super().get(key_id)
+
+    def put(self, record: KeyRecord) -> None:
+        with self._locked():
+            self._refresh()
+            super().put(record)
+            self._write()
+
+    def touch(self, key_id: str, now: float) -> None:
+        super().touch(key_id, now)
+        self._dirty_use = True
+
+    def flush(self) -> None:
+        if not self._dirty_use:
+            return
+        with self._locked():
+            self._refresh()
+            self._dirty_use = False
+            self._write()
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,130 @@
+"""Usage by day, key, team and model: requests, tokens, cost.
+
+Theory of operation: each settled call adds to one row keyed by
+(UTC day, key id, team, public model). Rows are what ``/admin/usage`` answers
+from and what budgets are rebuilt from after a restart. ``UsageFile``
+snapshots the whole ledger atomically; the access layer writes it every few
+seconds and on shutdown, so a crash loses at most that interval. Rows older
+than the retention are dropped on each snapshot.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ._budget import day_of
+from ._keys import atomic_write
+
+ROW_FIELDS = (
+    "day", "key", "team", "model", "requests", "errors",
+    "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost_usd",
+)
+
+
+@dataclass(slots=True)
+class UsageRow:
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+
+
+RowKey = tuple[str, str, str, str]  # day, key, team, model
+
+
+class UsageLedger:
+    def __init__(self) -> None:
+        self.rows: dict[RowKey, UsageRow] = {}
+        self.dirty = False
+
+    def record(
+        self, *, day: str, key: str, team: str, model: str,
+        prompt: int, completion: int, cached: int, cost: float, error: bool,
+    ) -> None:
+        k = (day, key, team, model)
+        r = self.rows.get(k)
+        if r is None:
+            r = self.rows[k] = UsageRow()
+        r.requests += 1
+        r.errors += int(error)
+        r.prompt_tokens += prompt
+        r.completion_tokens += completion
+        r.cached_tokens += cached
+        r.cost_usd += cost
+        self.dirty = True
+
+    def query(
+        self, *, key: str | None = None, team: str | None = None, model: str | None = None,
+        since: str | None = None, until: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rows matching every filter given; ``since``/``until`` are inclusive ``YYYY-MM-DD``."""
+        out = []
+        for (day, k, t, m), r in sorted(self.rows.items()):
+            if key is not None and k != key:
+                continue
+            if team is not None and t != team:
+                continue
+            if model is not None and m != model:
+                continue
+            if since is not None and day < since:
+                continue
+            if until is not None and day > until:
+                continue
+            row: dict[str, Any] = {"day": day, "key": k, "team": t, "model": m, **asdict(r)}
+            row["total_tokens"] = r.prompt_tokens + r.completion_tokens
+            row["cost_usd"] = round(r.cost_usd, 8)
+            out.append(row)
+        return out
+
+    def prune(self, *, now: float, retention_days: int) -> None:
+        oldest = day_of(now - retention_days * 86400)
+        for k in [k for k in self.rows if k[0] < oldest]:
+            del self.rows[k]
+
+    def dump(self) -> bytes:
+        return orjson.dumps({"version": 1, "rows": self.query()})
+
+    def load(self, data: bytes) -> None:
+        doc = orjson.loads(data)
+        for row in doc.get("rows", []):
+            k = (row["day"], row["key"], row["team"], row["model"])
+            self.rows[k] = UsageRow(
+                requests=int(row["requests"]), errors=int(row.get("errors", 0)),
+                prompt_tokens=int(row["prompt_tokens"]), completion_tokens=int(row["completion_tokens"]),
+                cached_tokens=int(row.get("cached_tokens", 0)), cost_usd=float(row["cost_usd"]),
+            )
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=ROW_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in ROW_FIELDS})
+    return buf.getvalue()
+
+
+class UsageFile:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def load(self, ledger: UsageLedger) -> None:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        ledger.load(data)
+
+    def save(self, ledger: UsageLedger) -> None:
+        atomic_write(self.path, ledger.dump())
+        ledger.dirty = False

@@ -1,0 +1,447 @@
+"""Keys, roles, limits, budgets, usage and audit, shown through a running gateway.
+
+Every test starts a real ``python -m node serve`` and talks to it with the
+official openai SDK or httpx. The upstream is the ``mock`` provider (fixed
+reply, so token counts are known) or the scripted OpenAI upstream when a test
+must see what reached the provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.gateway_process import ROOT, GatewayProcess
+from tests.upstreams.server import UpstreamServer, UpstreamState
+
+ADMIN_KEY = "hpx_admin_" + "A" * 40
+ENV = {"HAPAX_ADMIN_KEY": ADMIN_KEY}
+MSG = [{"role": "user", "content": "hi"}]  # estimate: 4 + 1 = 5 prompt tokens
+ROLES = ("admin", "operator", "developer", "viewer")
+
+
+def config(**extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "auth": {"mode": "keys", "admin_key": "${HAPAX_ADMIN_KEY}", "state_dir": "state"},
+        "providers": {
+            "mock": {"type": "mock", "mock": {"reply": "ok"}},
+            # Slow enough that a whole burst is in flight at once: nothing settles mid-burst.
+            "slow": {"type": "mock", "mock": {"reply": "ok", "latency_ms": 600}},
+        },
+        "models": [
+            {"name": "demo", "provider": "mock", "aliases": ["demo-alias"]},
+            {"name": "other", "provider": "mock"},
+            {"name": "slow", "provider": "slow"},
+        ],
+        # 1 token costs $0.001 in and $0.002 out: costs are easy to read.
+        "pricing": {m: {"input": 1000.0, "output": 2000.0} for m in ("demo", "other", "slow")},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def admin(gw: GatewayProcess, method: str, path: str, *, key: str = ADMIN_KEY, **kw: Any) -> httpx.Response:
+    return httpx.request(method, gw.url + path, headers={"authorization": f"Bearer {key}"}, timeout=10, **kw)
+
+
+def make_key(gw: GatewayProcess, **spec: Any) -> tuple[str, str]:
+    spec.setdefault("name", "k")
+    r = admin(gw, "POST", "/admin/keys", json=spec)
+    assert r.status_code == 201, r.text
+    return r.json()["key"], r.json()["id"]
+
+
+def chat(gw: GatewayProcess, key: str | None, model: str = "demo", **body: Any) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(gw.url + "/v1/chat/completions", headers=headers, timeout=10,
+                      json={"model": model, "messages": MSG, **body})
+
+
+async def burst(
+    gw: GatewayProcess, keys: list[str], n: int, model: str = "demo", **body: Any
+) -> list[httpx.Response]:
+    """``n`` calls at once, round-robin over ``keys``; every wait bounded."""
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=15, limits=limits) as c:
+        async def one(i: int) -> httpx.Response:
+            return await c.post("/v1/chat/completions", headers={"authorization": f"Bearer {keys[i % len(keys)]}"},
+                                json={"model": model, "messages": MSG, **body})
+        return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), 30)
+
+
+def statuses(rs: list[httpx.Response]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for r in rs:
+        out[r.status_code] = out.get(r.status_code, 0) + 1
+    return out
+
+
+def audit_events(gw: GatewayProcess) -> list[dict[str, Any]]:
+    import orjson
+
+    d = gw.config_path.parent / "state" / "audit"
+    return [orjson.loads(line) for f in sorted(d.glob("audit*.jsonl")) for line in f.read_bytes().splitlines()]
+
+
+def hapax_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "node", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+# -- keys and authentication -------------------------------------------------------------
+
+
+def test_keys_authenticate_rotate_revoke_and_persist(
+    gateway: Callable[..., GatewayProcess], openai_upstream: tuple[UpstreamServer, UpstreamState]
+) -> None:
+    server, state = openai_upstream
+    cfg = config()
+    cfg["providers"]["up"] = {"type": "openai", "base_url": server.url + "/v1", "api_key": "sk-upstream-secret"}
+    cfg["models"].append({"name": "gpt-4o-mini", "provider": "up"})
+    gw = gateway(cfg, env=ENV)
+
+    missing = chat(gw, None)
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    with pytest.raises(openai.AuthenticationError) as info, openai.OpenAI(
+        base_url=gw.url + "/v1", api_key="hpx_" + "x" * 43, max_retries=0
+    ) as wrong:
+        wrong.chat.completions.create(model="demo", messages=MSG)  # type: ignore[arg-type]
+    assert info.value.code == "invalid_api_key"
+
+    secret, key_id = make_key(gw, name="svc", owner="ana", team="alpha")
+    assert secret.startswith("hpx_") and len(secret) >= 4 + 43
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0) as client:
+        r = client.chat.completions.create(model="gpt-4o-mini", messages=MSG)  # type: ignore[arg-type]
+    assert r.choices[0].message.content == "Hello from upstream!"
+    # x-api-key (the anthropic SDK's header) works too; neither credential goes upstream.
+    r2 = httpx.post(gw.url + "/v1/chat/completions", timeout=10, headers={"x-api-key": secret},
+                    json={"model": "gpt-4o-mini", "messages": MSG})
+    assert r2.status_code == 200
+    for seen in state.seen[-2:]:
+        assert seen.headers["Authorization"] == "Bearer sk-upstream-secret"
+        assert "x-api-key" not in {k.lower() for k in seen.headers}
+        assert secret not in str(seen.headers)
+
+    shown = admin(gw, "GET", f"/admin/keys/{key_id}").json()
+    assert shown["team"] == "alpha" and shown["last_used_at"] is not None
+    assert "hash" not in shown and secret not in str(shown)
+
+    rotated = admin(gw, "POST", f"/admin/keys/{key_id}/rotate").json()["key"]
+    assert chat(gw, secret).status_code == 401
+    assert chat(gw, rotated).status_code == 200
+
+    # Keys survive a restart; the store holds hashes only.
+    store = (gw.config_path.parent / "state" / "keys" / "keys.json").read_text()
+    assert rotated not in store and secret not in store
+    gw.stop()
+    gw.start()
+    assert chat(gw, rotated).status_code == 200
+
+    assert admin(gw, "POST", f"/admin/keys/{key_id}/revoke").status_code == 200
+    r3 = chat(gw, rotated)
+    assert r3.status_code == 401 and "revoked" in r3.json()["error"]["message"]
+    listed = admin(gw, "GET", "/admin/keys").json()["data"]
+    assert key_id not in [k["id"] for k in listed]
+    assert key_id in [k["id"] for k in admin(gw, "GET", "/admin/keys?include_revoked=true").json()["data"]]
+
+    expired, _ = make_key(gw, name="old", expires_at=time.time() - 1)
+    assert chat(gw, expired).status_code == 401
+
+
+def test_cli_manages_the_local_store_of_a_running_node(gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway(config(), env=ENV)
+    made = hapax_cli("keys", "create", "--config", str(gw.config_path), "--name", "from-cli", "--team", "beta",
+                     "--models", "demo", env=ENV)
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    key_id = made.stderr.split("id: ")[1].split()[0]
+    assert chat(gw, secret).status_code == 200
+    assert chat(gw, secret, model="other").status_code == 403
+    listed = hapax_cli("keys", "list", "--config", str(gw.config_path), env=ENV)
+    assert key_id in listed.stdout and secret not in listed.stdout
+    # Remote mode, through the admin API.
+    rot = hapax_cli("keys", "rotate", key_id, "--url", gw.url, env=ENV)
+    assert rot.returncode == 0, rot.stderr
+    assert chat(gw, secret).status_code == 401
+    new = rot.stdout.strip()
+    assert chat(gw, new).status_code == 200
+    rev = hapax_cli("keys", "revoke", key_id, "--config", str(gw.config_path), env=ENV)
+    assert rev.returncode == 0, rev.stderr
+    assert chat(gw, new).status_code == 401  # revoked by the CLI: refused on the very next call
+    bad = hapax_cli("keys", "revoke", "key_0000000000000000", "--url", gw.url, "--admin-key", "nope" * 10)
+    assert bad.returncode == 1 and "invalid API key" in bad.stderr
+
+
+# -- roles ---------------------------------------------------------------------------------
+
+
+def test_role_matrix_through_http(gateway: Callable[..., GatewayProcess]) -> None:
+    from hapax._roles import ROLE_PERMISSIONS, Permission
+
+    gw = gateway(config(), env=ENV)
+    keys = {role: make_key(gw, name=role, role=role, team="alpha")[0] for role in ROLES}
+    _, target = make_key(gw, name="target")
+    # One probe per permission; each must succeed exactly for the roles that hold it.
+    probes: list[tuple[Permission, Callable[[str], httpx.Response]]] = [
+        (Permission.CALL_MODELS, lambda k: chat(gw, k)),
+        (Permission.READ_USAGE, lambda k: admin(gw, "GET", "/admin/usage", key=k)),
+        (Permission.READ_USAGE, lambda k: admin(gw, "GET", "/admin/usage?format=csv", key=k)),
+        (Permission.MANAGE_KEYS, lambda k: admin(gw, "GET", "/admin/keys", key=k)),
+        (Permission.MANAGE_KEYS, lambda k: admin(gw, "POST", "/admin/keys", key=k, json={"name": "x"})),
+        (Permission.MANAGE_KEYS, lambda k: admin(gw, "GET", f"/admin/keys/{target}", key=k)),
+        (Permission.MANAGE_KEYS, lambda k: admin(gw, "PATCH", f"/admin/keys/{target}", key=k,
+                                                 json={"owner": "x"})),
+        (Permission.MANAGE_KEYS, lambda k: admin(gw, "POST", f"/admin/keys/{target}/rotate", key=k)),
+        (Permission.MANAGE_CONFIG, lambda k: admin(gw, "GET", "/admin/config", key=k)),
+        (Permission.VIEW_CLUSTER, lambda k: admin(gw, "GET", "/admin/cluster", key=k)),
+    ]
+    for role, key in keys.items():
+        for perm, probe in probes:
+            r = probe(key)
+            if perm in ROLE_PERMISSIONS[role]:
+                assert r.status_code in (200, 201), (role, perm, r.text)
+            else:
+                assert r.status_code == 403, (role, perm, r.text)
+                assert r.json()["error"]["type"] == "permission_error"
+        who = admin(gw, "GET", "/admin/whoami", key=key).json()
+        assert who["role"] == role
+    # Revoke last, with the admin key, then nobody can use it.
+    assert admin(gw, "DELETE", f"/admin/keys/{target}", key=keys["operator"]).status_code == 403
+    assert admin(gw, "DELETE", f"/admin/keys/{target}", key=keys["admin"]).status_code == 200
+    # No credential at all is 401 on the admin API, whatever the route.
+    assert httpx.get(gw.url + "/admin/keys", timeout=10).status_code == 401
+    # The redacted config never shows the admin key.
+    assert ADMIN_KEY not in admin(gw, "GET", "/admin/config").text
+
+
+def test_model_allowlist_and_role_changes(gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway(config(), env=ENV)
+    secret, key_id = make_key(gw, name="narrow", models=["demo"])
+    assert chat(gw, secret, model="demo").status_code == 200
+    assert chat(gw, secret, model="demo-alias").status_code == 200  # an alias of an allowed model
+    r = chat(gw, secret, model="other")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+    bad = admin(gw, "POST", "/admin/keys", json={"name": "x", "models": ["nope"]})
+    assert bad.status_code == 400 and "nope" in bad.json()["error"]["message"]
+    # Demote to viewer: model calls stop at once.
+    assert admin(gw, "PATCH", f"/admin/keys/{key_id}", json={"role": "viewer"}).status_code == 200
+    assert chat(gw, secret).status_code == 403
+    ev = [e for e in audit_events(gw) if e["event"] == "key.role_changed"]
+    assert ev and ev[-1]["details"] == {"from": "developer", "to": "viewer"} and ev[-1]["target"] == key_id
+
+
+def test_auth_none_warns_and_admin_still_needs_the_admin_key(gateway: Callable[..., GatewayProcess]) -> None:
+    cfg = config()
+    cfg["auth"] = {"mode": "none", "admin_key": "${HAPAX_ADMIN_KEY}"}
+    gw = gateway(cfg, env=ENV)
+    assert chat(gw, None).status_code == 200
+    assert "AUTH IS OFF" in gw.logs()
+    assert httpx.get(gw.url + "/admin/keys", timeout=10).status_code == 401
+    assert admin(gw, "GET", "/admin/keys").status_code == 200
+
+
+# -- rate limits ---------------------------------------------------------------------------
+
+
+def test_request_rate_limits_are_exact_under_concurrency(gateway: Callable[..., GatewayProcess]) -> None:
+    cfg = config(teams={"alpha": {"limits": {"requests_per_minute": 60, "request_burst": 7}}})
+    gw = gateway(cfg, env=ENV)
+    k1, _ = make_key(gw, name="a1", team="alpha", limits={"requests_per_minute": 60, "request_burst": 5})
+    k2, _ = make_key(gw, name="a2", team="alpha")
+    rs = asyncio.run(burst(gw, [k1], 20))
+    assert statuses(rs) == {200: 5, 429: 15}
+    limited = next(r for r in rs if r.status_code == 429)
+    assert int(limited.headers["retry-after"]) >= 1
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert limited.json()["error"]["param"] == "key.requests_per_minute"
+    ok = [r for r in rs if r.status_code == 200]
+    assert sorted(int(r.headers["x-ratelimit-remaining-requests"]) for r in ok) == [0, 1, 2, 3, 4]
+    assert all(r.headers["x-ratelimit-limit-requests"] == "60" for r in ok)
+    # The team bucket (7) took 5 from a1: a2 gets exactly the other 2.
+    rs2 = asyncio.run(burst(gw, [k2], 10))
+    assert statuses(rs2) == {200: 2, 429: 8}
+    assert next(r for r in rs2 if r.status_code == 429).json()["error"]["param"] == "team.requests_per_minute"
+
+
+def test_token_and_concurrency_limits(gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway(config(), env=ENV)
+    # Each call reserves 5 (prompt) + 10 (max_tokens) = 15 tokens, and really uses 5 + 1 = 6.
+    ktok, _ = make_key(gw, name="tok", limits={"tokens_per_minute": 100})
+    # The slow model keeps all 20 in flight together, so none is reconciled mid-burst.
+    rs = asyncio.run(burst(gw, [ktok], 20, model="slow", max_tokens=10))
+    assert statuses(rs) == {200: 6, 429: 14}
+    assert next(r for r in rs if r.status_code == 429).json()["error"]["param"] == "key.tokens_per_minute"
+    # Reconciled: 6 calls used 36, so about 64 remain (plus a little refill), not 10.
+    r = chat(gw, ktok, max_tokens=10)
+    assert r.status_code == 200
+    remaining = int(r.headers["x-ratelimit-remaining-tokens"])
+    assert 64 - 15 <= remaining <= 64 - 15 + 5
+    # Streaming is reconciled too, from the final usage.
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", timeout=10,
+                      headers={"authorization": f"Bearer {ktok}"},
+                      json={"model": "demo", "messages": MSG, "max_tokens": 10, "stream": True}) as s:
+        assert s.status_code == 200 and s.headers["x-ratelimit-limit-tokens"] == "100"
+        body = s.read().decode()
+    assert "[DONE]" in body
+    r = chat(gw, ktok, max_tokens=10)
+    # Two more calls used 6 each (the stream too, not its 15 reserved), then this one reserved 15.
+    assert 64 - 6 - 6 - 15 <= int(r.headers["x-ratelimit-remaining-tokens"]) <= 64 - 6 - 6 - 15 + 5
+
+    kcon, _ = make_key(gw, name="con", limits={"concurrent": 3})
+
+    async def slow_burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=15,
+                                     limits=httpx.Limits(max_connections=10)) as c:
+            calls = [c.post("/v1/chat/completions", headers={"authorization": f"Bearer {kcon}"},
+                            json={"model": "slow", "messages": MSG}) for _ in range(10)]
+            return await asyncio.wait_for(asyncio.gather(*calls), 30)
+
+    rs = asyncio.run(slow_burst())
+    assert statuses(rs) == {200: 3, 429: 7}
+    assert next(r for r in rs if r.status_code == 429).json()["error"]["code"] == "concurrency_limit_exceeded"
+    assert chat(gw, kcon, model="slow").status_code == 200  # slots came back
+
+
+# -- budgets, cost, usage ------------------------------------------------------------------
+
+
+def test_budgets_hold_under_concurrency_and_usage_adds_up(gateway: Callable[..., GatewayProcess]) -> None:
+    # A call: 5 prompt tokens ($0.005) + 1 completion token ($0.002) = $0.007; reserved with
+    # max_tokens=2: 5 + 2 tokens, $0.009.
+    cfg = config(teams={"alpha": {"budget": {"daily_usd": 0.05}}, "beta": {}})
+    gw = gateway(cfg, env=ENV)
+    a1, a1_id = make_key(gw, name="a1", team="alpha")
+    a2, _ = make_key(gw, name="a2", team="alpha")
+    b1, b1_id = make_key(gw, name="b1", team="beta", budget={"daily_tokens": 30})
+
+    rs = asyncio.run(burst(gw, [a1, a2], 12, model="slow", max_tokens=2))
+    # $0.05 fits five $0.009 reservations, not six: exactly five admitted at once.
+    assert statuses(rs) == {200: 5, 429: 7}
+    refused = next(r for r in rs if r.status_code == 429).json()["error"]
+    assert refused["code"] == "insufficient_quota" and refused["param"] == "team.daily_usd"
+    assert "daily_usd" in refused["message"] and "alpha" in refused["message"]
+    ok = next(r for r in rs if r.status_code == 200)
+    assert float(ok.headers["x-hapax-cost-usd"]) == pytest.approx(0.007)
+    # Settled at $0.035: one more fits ($0.044 with its reservation), then the cap holds.
+    assert chat(gw, a1, max_tokens=2).status_code == 200
+    assert chat(gw, a2, max_tokens=2).status_code == 429
+
+    rs = asyncio.run(burst(gw, [b1], 10, model="slow", max_tokens=2))
+    assert statuses(rs) == {200: 4, 429: 6}  # 30 tokens fit four 7-token reservations
+    assert next(r for r in rs if r.status_code == 429).json()["error"]["param"] == "key.daily_tokens"
+
+    usage = admin(gw, "GET", "/admin/usage?team=alpha").json()
+    assert usage["totals"]["requests"] == 6 and {r["model"] for r in usage["data"]} == {"demo", "slow"}
+    assert usage["totals"]["cost_usd"] == pytest.approx(0.042)
+    assert usage["totals"]["cost_usd"] <= 0.05
+    assert usage["totals"]["total_tokens"] == 36
+    by_key = admin(gw, "GET", f"/admin/usage?key={b1_id}&model=slow").json()
+    assert by_key["totals"]["total_tokens"] == 24 and by_key["data"][0]["team"] == "beta"
+    day = usage["data"][0]["day"]
+    assert admin(gw, "GET", f"/admin/usage?from={day}&to={day}").json()["totals"]["requests"] == 10
+    assert admin(gw, "GET", "/admin/usage?to=2000-01-01").json()["data"] == []
+    csv = admin(gw, "GET", f"/admin/usage?format=csv&key={a1_id}").text.splitlines()
+    assert csv[0].startswith("day,key,team,model,requests") and a1_id in csv[1]
+
+    metrics = httpx.get(gw.url + "/metrics", timeout=10).text
+    cost_line = next(line for line in metrics.splitlines()
+                     if line.startswith('hapax_cost_usd_total{team="alpha",model="slow"}'))
+    assert float(cost_line.split()[-1]) == pytest.approx(0.035)
+    assert 'hapax_limited_total{scope="team",limit="daily_usd"}' in metrics
+    assert 'hapax_team_requests_total{team="beta",model="slow"} 4' in metrics
+
+    # Budgets survive a restart: spend is rebuilt from the usage ledger.
+    gw.stop()
+    gw.start()
+    assert chat(gw, a1, max_tokens=2).status_code == 429
+    assert chat(gw, b1, max_tokens=2).status_code == 429
+
+
+# -- audit and hygiene ---------------------------------------------------------------------
+
+
+def test_audit_log_complete_and_verifiable_and_secrets_never_logged(
+    gateway: Callable[..., GatewayProcess],
+) -> None:
+    prompt = "my-private-prompt-text-9f3a"
+    cfg = config(teams={"alpha": {"budget": {"daily_tokens": 14}}},
+                 server={"cors": {"enabled": True, "allow_origins": ["*"]}})
+    gw = gateway(cfg, env=ENV)
+    secret, key_id = make_key(gw, name="svc", team="alpha")
+    viewer, _ = make_key(gw, name="view", role="viewer")
+    assert httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {secret}"}, timeout=10,
+                      json={"model": "demo", "messages": [{"role": "user", "content": prompt}],
+                            "max_tokens": 1}).status_code == 200
+    assert chat(gw, secret, max_tokens=1).status_code == 429  # team daily_tokens used up
+    assert chat(gw, "hpx_wrong_" + "z" * 40).status_code == 401
+    assert admin(gw, "GET", "/admin/keys", key=viewer).status_code == 403
+    assert admin(gw, "PATCH", f"/admin/keys/{key_id}", json={"role": "operator"}).status_code == 200
+    rotated = admin(gw, "POST", f"/admin/keys/{key_id}/rotate").json()["key"]
+    assert admin(gw, "POST", f"/admin/keys/{key_id}/revoke").status_code == 200
+    cfg["limits"] = {"requests_per_minute": 1000}
+    gw.write_config(cfg)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(e["event"] == "config.applied" for e in audit_events(gw)):
+        time.sleep(0.1)
+
+    # CORS: open for the API, closed for /admin.
+    pre = {"origin": "https://app.example", "access-control-request-method": "POST"}
+    assert httpx.options(gw.url + "/v1/chat/completions", headers=pre, timeout=10).headers.get(
+        "access-control-allow-origin") == "*"
+    adm = httpx.options(gw.url + "/admin/keys", headers=pre, timeout=10)
+    assert "access-control-allow-origin" not in adm.headers
+    metrics = httpx.get(gw.url + "/metrics", timeout=10).text
+    gw.stop()
+
+    events = audit_events(gw)
+    kinds = {e["event"] for e in events}
+    assert {"gateway.started", "key.created", "key.updated", "key.role_changed", "key.rotated", "key.revoked",
+            "auth.failed", "budget.exhausted", "admin.request", "admin.denied", "config.applied"} <= kinds
+    for e in events:
+        assert {"seq", "ts", "event", "actor", "remote", "request_id", "prev", "hash"} <= e.keys()
+    created = next(e for e in events if e["event"] == "key.created" and e["target"] == key_id)
+    assert created["actor"] == "bootstrap-admin" and created["remote"] == "127.0.0.1"
+    assert created["request_id"].startswith("req_")
+    exhausted = next(e for e in events if e["event"] == "budget.exhausted")
+    assert exhausted["target"] == "team:alpha" and exhausted["details"]["limit"] == "daily_tokens"
+
+    audit_dir = gw.config_path.parent / "state" / "audit"
+    ok = hapax_cli("audit", "verify", str(audit_dir))
+    assert ok.returncode == 0 and "chain intact" in ok.stdout, ok.stderr
+    live = audit_dir / "audit.jsonl"
+    lines = live.read_text().splitlines()
+    lines[3] = lines[3].replace('"actor":"bootstrap-admin"', '"actor":"someone-else"', 1).replace(
+        '"actor":"unknown"', '"actor":"someone-else"', 1)
+    assert lines[3] != live.read_text().splitlines()[3]
+    live.write_text("\n".join(lines) + "\n")
+    bad = hapax_cli("audit", "verify", str(audit_dir))
+    assert bad.returncode == 1 and f"{live}:4: event altered" in bad.stderr
+
+    # Hygiene: no key, admin key or prompt text anywhere in the gateway's log, audit or metrics.
+    state = gw.config_path.parent / "state"
+    texts = {"log": gw.logs(), "metrics": metrics,
+             "state": "\n".join(p.read_text() for p in state.rglob("*") if p.is_file())}
+    for where, text in texts.items():
+        for needle in (secret, rotated, viewer, ADMIN_KEY, prompt, "hpx_wrong_"):
+            assert needle not in text, f"{needle[:12]}... leaked into {where}"
+    assert key_id in texts["log"]  # the access log names the caller by key id
+
+
+def test_state_paths(tmp_path: Path) -> None:
+    from hapax import parse_config
+    from node.server import state_dir
+
+    cfg = parse_config({"auth": {"state_dir": "st"}})
+    assert state_dir(cfg, tmp_path / "hapax.yaml") == tmp_path / "st"
+    assert state_dir(parse_config({}), None) is None
