@@ -1,27 +1,76 @@
-"""From a resolved model to a provider's reply: pick a deployment and call it.
+"""From a resolved model to a provider's reply: admit, pick a deployment, call, retry.
 
-Theory of operation: ``Dispatcher.send`` gets the runtime in force, the
-public model's config, the client's operation and body. It chooses a
-deployment, translates the operation if that deployment's provider does not
-take it, calls the provider, and returns the reply together with what it
-chose, so the gateway can translate the reply back and label its metrics.
+Theory of operation: ``Dispatcher.send`` gets the runtime in force, the public
+model's config, the client's operation and body. It returns as soon as a reply
+has *started* (a JSON body read, or a stream's first event), together with the
+deployment that gave it, so the gateway can translate the reply back and
+label its metrics. Everything that can still be undone happens before that
+point; nothing is retried after it. The layers, outermost first:
 
-Today it calls the first deployment once. Retries, failover, circuit breakers,
-load balancing and admission queueing belong here (issue [2]).
+1. **Dedup** (``hapax._dedup``): identical concurrent non-streaming requests of
+   one caller share one pass through the layers below.
+2. **Admission** (``hapax._admission``): a slot under the node's and the
+   model's concurrency limits, or a wait in the priority queue.
+3. **Attempts**: the healthy deployments (breaker lets calls through, not
+   cooling down after a 429, provider's probe not failing) ordered by the
+   model's strategy (``hapax._balancer``), untried ones first. Each attempt
+   takes a deployment slot (a full deployment is skipped; if all are full the
+   request queues for whichever frees first), a breaker permit, and calls the
+   provider, translating the operation when the provider does not take it.
+   For streams the first event is awaited (and must be JSON) before
+   returning, so a stream that fails at once still fails over.
+4. After a failure, ``hapax._retry.RetryPlan`` decides: fail over to an
+   untried deployment at once, retry a tried one after backoff, or give up
+   and raise the last error.
+
+Every slot, permit and in-flight count taken for the answering attempt is
+given back when the reply ends: at once for JSON, when the gateway closes the
+stream for streams (``StreamReply.close``). Each outer layer gives back what it
+took on any exception, cancellation included (the client hung up).
+
+Policies are pure and clocked by ``clock`` (monotonic seconds); this module
+only awaits and counts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import logging
+import random
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from ._config import Deployment, ModelConfig
-from ._errors import InvalidField
+import orjson
+
+from ._admission import GLOBAL, Slot, SlotGate, overload_error
+from ._balancer import Strategy, build_strategy, ewma
+from ._breaker import STATE_VALUE, BreakerState, Permit
+from ._config import Config, Deployment, ModelConfig
+from ._dedup import InFlight, MemoryInFlight, dedup_key
+from ._errors import (
+    HapaxError,
+    InvalidField,
+    NoHealthyUpstream,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from ._exchange import Exchange
-from ._runtime import Runtime
+from ._health import DeploymentHealth, HealthStore, MemoryHealthStore, Prober, ProbeStatus
+from ._metrics import GatewayMetrics
+from ._retry import GiveUp, RetryPlan, retry_after_of
+from ._sse import SSEEvent
 from ._translate import Translation, find_translation
-from .providers import Call, Operation, Provider, Reply
+from .providers import Call, Operation, Provider, Reply, StreamReply
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+log = logging.getLogger("hapax.dispatch")
 
 
 @dataclass(slots=True)
@@ -30,25 +79,543 @@ class Dispatched:
     deployment: Deployment
     provider: Provider
     translation: Translation | None
-    #: perf_counter when the answering attempt started; upstream time counts from here.
+    #: perf_counter when the first attempt started; upstream time counts from here.
     started: float
+    #: Response headers that say how the reply was obtained.
+    headers: dict[str, str] = field(default_factory=dict)
+    attempts: int = 1
+    upstream_seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class _Candidate:
+    """A deployment as the strategy sees it: config plus live counters."""
+
+    dep: Deployment
+    health: DeploymentHealth
+
+    @property
+    def key(self) -> str:
+        return self.health.key
+
+    @property
+    def weight(self) -> float:
+        return self.dep.weight
+
+    @property
+    def priority(self) -> int:
+        return self.dep.priority
+
+    @property
+    def in_flight(self) -> int:
+        return self.health.in_flight
+
+    @property
+    def latency(self) -> float | None:
+        return self.health.latency
+
+    @property
+    def latency_at(self) -> float:
+        return self.health.latency_at
 
 
 class Dispatcher:
+    def __init__(
+        self,
+        *,
+        metrics: GatewayMetrics | None = None,
+        health: HealthStore | None = None,
+        in_flight: InFlight | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.metrics = metrics or GatewayMetrics()
+        self.health = health or MemoryHealthStore()
+        self.dedup = in_flight or MemoryInFlight()
+        self._clock = clock
+        self._rng = rng or random.Random()
+        m = self.metrics
+        self.gate = SlotGate(
+            queue_size=0,
+            on_wait=lambda s: m.queue_wait.observe(s),
+            on_reject=lambda reason: m.queue_rejections.inc(reason),
+            clock=clock,
+        )
+        self._generation = 0
+        self._strategies: dict[str, Strategy] = {}
+        self._prober: Prober | None = None
+        m.registry.on_collect(self._collect)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, runtime: Callable[[], Runtime]) -> None:
+        """Start active health probes; they follow whatever runtime is current."""
+        self._prober = Prober(self.health, runtime, self._on_probe, clock=self._clock)
+        self._prober.start()
+
+    async def aclose(self) -> None:
+        if self._prober is not None:
+            await self._prober.stop()
+
+    def sync(self, rt: Runtime) -> None:
+        """Follow a newer config: deployments, limits, strategies, probes."""
+        if rt.generation <= self._generation:
+            return
+        self._generation = rt.generation
+        cfg = rt.config
+        rel = cfg.reliability
+        pairs = [(d.provider, d.model) for m in cfg.models for d in m.deployments]
+        self.health.configure(
+            breaker=rel.circuit_breaker,
+            deployments=pairs,
+            health_checks={name: p.health_check for name, p in cfg.providers.items()},
+            now=self._clock(),
+        )
+        self.metrics.bind_deployments(f"{p}/{m}" for p, m in pairs)
+        strategies: dict[str, Strategy] = {}
+        for m in cfg.models:
+            old = self._strategies.get(m.name)
+            strategies[m.name] = old if old is not None and old.name == m.strategy else build_strategy(m.strategy)
+        self._strategies = strategies
+        self.gate.configure(queue_size=rel.admission.queue_size, limits=_limits(cfg))
+
+    # -- entry point -------------------------------------------------------------------
+
     async def send(
         self, rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange
     ) -> Dispatched:
-        dep = model.deployments[0]
-        provider = rt.providers[dep.provider]
-        ex.provider = dep.provider
-        translation, call = prepare_call(provider, dep, op, body, ex)
-        t0 = time.perf_counter()
-        ex.attempts += 1
+        self.sync(rt)
+        if ex.dedup and not body.get("stream") and rt.config.reliability.dedup.enabled:
+            return await self._send_handling_dedup(rt, model, op, body, ex)
+        return await self._send_handling_admission(rt, model, op, body, ex)
+
+    async def _send_handling_dedup(
+        self, rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange
+    ) -> Dispatched:
+        key = dedup_key(ex.principal, model.name, op.value, body)
+        d, shared = await self.dedup.run(key, lambda: self._send_handling_admission(rt, model, op, body, ex))
+        if not shared:
+            return d
+        self.metrics.deduplicated.inc(self.metrics.models(model.name))
+        ex.attempts = d.attempts
+        ex.provider = d.deployment.provider
+        ex.upstream_seconds = d.upstream_seconds
+        return dataclasses.replace(d, headers={**d.headers, "x-hapax-dedup": "shared"})
+
+    async def _send_handling_admission(
+        self, rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange
+    ) -> Dispatched:
+        adm = rt.config.reliability.admission
+        slot = await self.gate.acquire(
+            ((GLOBAL, "model:" + model.name),),
+            priority=ex.priority,
+            timeout=adm.queue_timeout,
+            overloaded=overload_error(adm.reject_status),
+        )
         try:
-            reply = await provider.send(call)
+            d = await self._send_handling_attempts(rt, model, op, body, ex)
+        except BaseException:
+            slot.release()
+            raise
+        _on_close(d.reply, slot.release)
+        return d
+
+    async def _send_handling_attempts(
+        self, rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange
+    ) -> Dispatched:
+        rel = rt.config.reliability
+        adm = rel.admission
+        breakers_on = rel.circuit_breaker.enabled
+        plan = RetryPlan(model.retry or rel.retry, now=self._clock(), rng=self._rng)
+        tried: dict[str, int] = {}
+        skip: set[str] = set()
+        last: HapaxError | None = None
+        prev: str | None = None
+        waited = False
+        t_first = time.perf_counter()
+        while True:
+            now = self._clock()
+            cands = self._candidates(rt, model, now, skip, tried, breakers_on)
+            if not cands:
+                # Everything is cooling down or open. If one comes back soon enough (a short
+                # Retry-After on the only deployment, say), wait for it as for a backoff.
+                back = self._soonest(model, now)
+                if last is not None and back is not None and not waited:
+                    step = plan.next_step(last, repeat=1, retry_after=back, now=now)
+                    if not isinstance(step, GiveUp):
+                        waited = True
+                        await asyncio.sleep(step.delay)
+                        continue
+                raise last if last is not None else self._no_upstream(model, now)
+            if last is not None and not waited:
+                nxt = cands[0]
+                step = plan.next_step(
+                    last,
+                    repeat=tried.get(nxt.key, 0),
+                    retry_after=retry_after_of(last) if nxt.key == prev else None,
+                    now=now,
+                )
+                if isinstance(step, GiveUp):
+                    raise last
+                if step.delay > 0:
+                    waited = True
+                    await asyncio.sleep(step.delay)
+                    continue
+            waited = False
+            # A deployment whose provider cannot take this operation, even translated, is
+            # no candidate at all; find that out before queueing for it.
+            calls: list[tuple[_Candidate, Provider, Translation | None, Call]] = []
+            for c in cands:
+                provider = rt.providers[c.dep.provider]
+                try:
+                    translation, call = prepare_call(provider, c.dep, op, body, ex)
+                except InvalidField as exc:
+                    skip.add(c.key)
+                    last = last or exc
+                    continue
+                calls.append((c, provider, translation, call))
+            if not calls:
+                continue
+            dslot = await self.gate.acquire(
+                tuple(("dep:" + c.key,) for c, *_ in calls),
+                priority=ex.priority,
+                timeout=max(0.001, min(adm.queue_timeout, plan.remaining(now=now))),
+                overloaded=overload_error(adm.reject_status),
+            )
+            c, provider, translation, call = calls[dslot.index]
+            breaker = c.health.breaker
+            permit = breaker.acquire(now=self._clock()) if breakers_on else Permit(0, trial=False)
+            if permit is None:  # its half-open trial slots went while we queued
+                dslot.release()
+                skip.add(c.key)
+                continue
+            plan.start_attempt()
+            ex.attempts += 1
+            ex.provider = c.dep.provider
+            if prev is not None:
+                self.metrics.retries.inc(self.metrics.models(model.name))
+                if c.key != prev:
+                    self.metrics.failovers.inc(self.metrics.models(model.name))
+            tried[c.key] = tried.get(c.key, 0) + 1
+            prev = c.key
+            try:
+                reply = await self._attempt(provider, call, c, plan)
+            except BaseException as exc:
+                self._settle_failure(c, permit, exc, breakers_on)
+                dslot.release()
+                if not isinstance(exc, HapaxError):
+                    raise
+                last = exc
+                if not isinstance(exc, UpstreamError) or not exc.retryable:
+                    raise
+                continue
+            if breakers_on:
+                breaker.on_success(permit, now=self._clock())
+            self._flush(c.health)
+            ex.upstream_seconds = time.perf_counter() - t_first
+            headers = {"x-hapax-deployment": c.key}
+            d = Dispatched(reply, c.dep, provider, translation, t_first, headers, ex.attempts, ex.upstream_seconds)
+            self._watch(d, c, dslot, breakers_on)
+            return d
+
+    async def _attempt(self, provider: Provider, call: Call, c: _Candidate, plan: RetryPlan) -> Reply:
+        """One call; returns once the reply has started. Counts the deployment's in-flight."""
+        h = c.health
+        h.in_flight += 1
+        t0 = time.perf_counter()
+        ok = False
+        try:
+            budget = plan.remaining(now=self._clock())
+            try:
+                async with asyncio.timeout(budget):
+                    reply = await provider.send(call)
+                    if isinstance(reply, StreamReply):
+                        await _peek(reply, provider.name)
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"no answer from {c.key} within the request's retry deadline", code="deadline_exceeded"
+                ) from None
+            ok = True
         finally:
-            ex.upstream_seconds = time.perf_counter() - t0
-        return Dispatched(reply, dep, provider, translation, t0)
+            if not ok:
+                h.in_flight -= 1
+        now = self._clock()
+        sample = time.perf_counter() - t0
+        h.latency = ewma(h.latency, sample)
+        h.latency_at = now
+        h.successes += 1
+        self.metrics.attempts.inc(self.metrics.deployments(c.key), "ok")
+        return reply
+
+    def _settle_failure(self, c: _Candidate, permit: Permit, exc: BaseException, breakers_on: bool) -> None:
+        h = c.health
+        now = self._clock()
+        breaker = h.breaker
+        code = exc.code if isinstance(exc, HapaxError) else "cancelled"
+        self.metrics.attempts.inc(self.metrics.deployments(c.key), code)
+        if isinstance(exc, HapaxError):
+            h.failures += 1
+            h.last_error = exc.message
+        if not breakers_on:
+            return
+        if isinstance(exc, UpstreamRateLimited):
+            # Busy, not broken: cool down for as long as asked, count no failure.
+            if exc.retry_after:
+                breaker.cool_down(exc.retry_after, now=now)
+                log.info("deployment cooling down", extra={"fields": {
+                    "deployment": c.key, "seconds": min(exc.retry_after, breaker.config.max_cooldown)}})
+            breaker.on_abandoned(permit, now=now)
+        elif isinstance(exc, UpstreamError) and exc.retryable:
+            breaker.on_failure(permit, now=now)
+        elif isinstance(exc, UpstreamError):
+            breaker.on_success(permit, now=now)  # it answered; the request was at fault
+        else:
+            breaker.on_abandoned(permit, now=now)
+        self._flush(h)
+
+    def _watch(self, d: Dispatched, c: _Candidate, dslot: Slot, breakers_on: bool) -> None:
+        """Give back the attempt's slot and in-flight count when the reply ends."""
+        h = c.health
+
+        def done() -> None:
+            h.in_flight -= 1
+            dslot.release()
+
+        reply = d.reply
+        if not isinstance(reply, StreamReply):
+            done()
+            return
+        events = reply.events
+
+        async def watched() -> AsyncIterator[SSEEvent]:
+            try:
+                async for ev in events:
+                    yield ev
+            except UpstreamError as exc:
+                # After the first byte there is no retry; the breaker still learns of it.
+                if breakers_on and exc.retryable and not isinstance(exc, UpstreamRateLimited):
+                    h.breaker.on_stream_failure(now=self._clock())
+                    self._flush(h)
+                h.failures += 1
+                h.last_error = exc.message
+                self.metrics.attempts.inc(self.metrics.deployments(c.key), "stream_" + exc.code)
+                raise
+
+        reply.events = watched()
+        _on_close(reply, done)
+
+    # -- choosing ----------------------------------------------------------------------
+
+    def _candidates(
+        self,
+        rt: Runtime,
+        model: ModelConfig,
+        now: float,
+        skip: set[str],
+        tried: dict[str, int],
+        breakers_on: bool,
+    ) -> list[_Candidate]:
+        out: list[_Candidate] = []
+        for dep in model.deployments:
+            h = self.health.deployment(dep.provider, dep.model)
+            if h.key in skip or dep.provider not in rt.providers:
+                continue
+            if self.health.provider(dep.provider).status is ProbeStatus.UNHEALTHY:
+                continue
+            if breakers_on and not h.breaker.available(now=now):
+                continue
+            out.append(_Candidate(dep, h))
+        strategy = self._strategies.get(model.name) or build_strategy(model.strategy)
+        ordered = strategy.order(out, now=now, rng=self._rng)
+        if tried:
+            ordered.sort(key=lambda c: tried.get(c.key, 0))  # stable: strategy order within
+        return ordered
+
+    def _soonest(self, model: ModelConfig, now: float) -> float | None:
+        """Seconds until a deployment of ``model`` may take calls again, if time alone will do it."""
+        soonest: float | None = None
+        for dep in model.deployments:
+            if self.health.provider(dep.provider).status is ProbeStatus.UNHEALTHY:
+                continue
+            t = self.health.deployment(dep.provider, dep.model).breaker.next_deadline()
+            if t is not None and t > now:
+                soonest = t if soonest is None else min(soonest, t)
+        return None if soonest is None else soonest - now
+
+    def _no_upstream(self, model: ModelConfig, now: float) -> NoHealthyUpstream:
+        why: list[str] = []
+        soonest: float | None = None
+        for dep in model.deployments:
+            h = self.health.deployment(dep.provider, dep.model)
+            if self.health.provider(dep.provider).status is ProbeStatus.UNHEALTHY:
+                why.append(f"{h.key}: provider probe failing")
+                continue
+            b = h.breaker
+            if now < b.cooling_until:
+                why.append(f"{h.key}: cooling down after 429")
+            else:
+                why.append(f"{h.key}: circuit {b.state.value}")
+            t = b.next_deadline()
+            if t is not None and t > now:
+                soonest = t if soonest is None else min(soonest, t)
+        return NoHealthyUpstream(
+            f"no healthy deployment for model '{model.name}' ({'; '.join(why)})",
+            retry_after=max(1.0, (soonest - now) if soonest is not None else 1.0),
+        )
+
+    # -- health, metrics, logs ----------------------------------------------------------
+
+    def _flush(self, h: DeploymentHealth) -> None:
+        for t in h.breaker.take_events():
+            label = self.metrics.deployments(h.key)
+            self.metrics.circuit_transitions.inc(label, t.new.value)
+            level = logging.WARNING if t.new is BreakerState.OPEN else logging.INFO
+            log.log(level, "circuit breaker " + t.new.value, extra={"fields": {
+                "deployment": h.key, "from": t.old.value, "to": t.new.value, "trigger": t.trigger.value,
+                "last_error": h.last_error}})
+
+    def _on_probe(self, provider: str, ok: bool, error: str | None) -> None:
+        now = self._clock()
+        ph = self.health.provider(provider)
+        self.metrics.probes.inc(self.metrics.providers(provider), "ok" if ok else "fail")
+        if ph.tracker is None:
+            return
+        new = ph.tracker.record(ok, now=now, error=error)
+        if new is None:
+            return
+        log.log(logging.WARNING if new is ProbeStatus.UNHEALTHY else logging.INFO,
+                "provider " + new.value, extra={"fields": {"provider": provider, "error": error}})
+        for h in ph.deployments:
+            if new is ProbeStatus.UNHEALTHY:
+                h.breaker.probe_down(now=now)
+            else:
+                h.breaker.probe_up(now=now)
+            self._flush(h)
+
+    def _collect(self) -> None:
+        m = self.metrics
+        m.queue_depth.set(to=self.gate.table.waiting)
+        for h in self.health.deployments():
+            label = m.deployments(h.key)
+            h.breaker.poll(now=self._clock())
+            self._flush(h)
+            m.circuit_state.set(label, to=STATE_VALUE[h.breaker.state])
+            m.deployment_in_flight.set(label, to=h.in_flight)
+        for ph in self.health.providers():
+            value = {ProbeStatus.HEALTHY: 1, ProbeStatus.UNHEALTHY: 0}.get(ph.status, -1)
+            m.provider_healthy.set(m.providers(ph.name), to=value)
+
+    def snapshot(self, rt: Runtime) -> dict[str, Any]:
+        """Each provider's and deployment's state, for /health/ready and /v1/health/providers."""
+        self.sync(rt)
+        now = self._clock()
+        users: dict[str, list[str]] = {}
+        for m in rt.config.models:
+            for dep in m.deployments:
+                users.setdefault(f"{dep.provider}/{dep.model}", []).append(m.name)
+        deployments = []
+        for h in self.health.deployments():
+            b = h.breaker
+            b.poll(now=now)
+            self._flush(h)
+            calls, failures = b.failure_counts(now=now)
+            state = b.state.value
+            if now < b.cooling_until:
+                state = "cooling_down"
+            deployments.append({
+                "deployment": h.key,
+                "provider": h.provider,
+                "model": h.model,
+                "models": users.get(h.key, []),
+                "state": state,
+                "breaker": b.state.value,
+                "available": b.available(now=now)
+                and self.health.provider(h.provider).status is not ProbeStatus.UNHEALTHY,
+                "open_remaining_s": round(max(0.0, b.opened_until - now), 3) if b.state is BreakerState.OPEN else 0,
+                "cooldown_remaining_s": round(max(0.0, b.cooling_until - now), 3),
+                "consecutive_failures": b.consecutive,
+                "window_calls": calls,
+                "window_failures": failures,
+                "in_flight": h.in_flight,
+                "latency_ewma_ms": round(h.latency * 1000, 3) if h.latency is not None else None,
+                "successes": h.successes,
+                "failures": h.failures,
+                "last_error": h.last_error,
+            })
+        providers = {}
+        for name in rt.config.providers:
+            ph = self.health.provider(name)
+            t = ph.tracker
+            providers[name] = {
+                "type": rt.config.providers[name].type,
+                "probe": ph.status.value if t is not None else "disabled",
+                "last_probe_error": t.last_error if t is not None else None,
+                "deployments": sorted(h.key for h in ph.deployments),
+            }
+        return {
+            "providers": providers,
+            "deployments": sorted(deployments, key=lambda d: str(d["deployment"])),
+            "queue": {"waiting": self.gate.table.waiting},
+        }
+
+
+def _limits(cfg: Config) -> dict[str, int | None]:
+    limits: dict[str, int | None] = {GLOBAL: cfg.reliability.admission.max_concurrency}
+    for m in cfg.models:
+        limits["model:" + m.name] = m.max_concurrency
+        for d in m.deployments:
+            key = f"dep:{d.provider}/{d.model}"
+            # One deployment may serve several models; the tightest limit wins.
+            if d.max_concurrency is not None:
+                old = limits.get(key)
+                limits[key] = d.max_concurrency if old is None else min(old, d.max_concurrency)
+            else:
+                limits.setdefault(key, None)
+    return {k: v for k, v in limits.items() if v is not None}
+
+
+def _on_close(reply: Reply, fn: Callable[[], None]) -> None:
+    """Run ``fn`` when the reply ends: now for JSON, on ``close()`` for a stream."""
+    if not isinstance(reply, StreamReply):
+        fn()
+        return
+    inner = reply._close
+
+    def close() -> None:
+        try:
+            if inner is not None:
+                inner()
+        finally:
+            fn()
+
+    reply._close = close
+
+
+async def _peek(reply: StreamReply, provider: str) -> None:
+    """Wait for the first event, so a stream that fails at once can still fail over."""
+    events = reply.events
+    try:
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        return
+    except BaseException:
+        reply.close()
+        raise
+    if first.data != b"[DONE]":
+        try:
+            first.json()
+        except orjson.JSONDecodeError:
+            reply.close()
+            raise UpstreamUnavailable(
+                f"provider {provider} sent a stream event that is not JSON", code="upstream_malformed_stream"
+            ) from None
+
+    async def replay() -> AsyncIterator[SSEEvent]:
+        yield first
+        async for ev in events:
+            yield ev
+
+    reply.events = replay()
 
 
 def prepare_call(
