@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from ._access_config import AuditConfig, AuthConfig, GlobalLimits, ModelPrice, TeamConfig, UsageConfig
 from ._errors import ConfigError
+from ._reliability_config import HealthCheckConfig, ReliabilityConfig, RetryConfig, check_strategy
 
 #: Large enough for multimodal prompts with inline images, small enough to bound memory.
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -50,6 +52,9 @@ class MockSettings(_Model):
     chunk_delay_ms: float = Field(0.0, ge=0, description="delay between stream chunks")
     failure_rate: float = Field(0.0, ge=0, le=1, description="share of calls that fail")
     failure_status: int = Field(500, ge=400, le=599)
+    #: ``http``: fail like a provider (an error status). ``exception``: raise as a bug would,
+    #: to exercise the gateway's panic recovery.
+    failure_mode: Literal["http", "exception"] = "http"
     reply: str | None = Field(None, description="fixed reply text; default echoes the prompt")
     embedding_dimensions: int = Field(8, ge=1, le=4096)
 
@@ -64,6 +69,7 @@ class ProviderConfig(_Model):
     api_version: str | None = Field(None, description="azure-openai api-version")
     anthropic_version: str = "2023-06-01"
     mock: MockSettings = Field(default_factory=MockSettings)
+    health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
 
     @model_validator(mode="after")
     def _check(self) -> ProviderConfig:
@@ -81,6 +87,7 @@ class Deployment(_Model):
     model: str = Field(description="the model name the provider knows")
     weight: float = Field(1.0, gt=0)
     priority: int = Field(0, ge=0, description="lower is tried first by failover")
+    max_concurrency: int | None = Field(None, ge=1, description="calls in flight to this deployment")
 
 
 class ModelConfig(_Model):
@@ -90,6 +97,12 @@ class ModelConfig(_Model):
     model: str | None = Field(None, description="upstream name for the shorthand")
     deployments: tuple[Deployment, ...] = ()
     owned_by: str = "hapax"
+    # Reliability (hapax._reliability_config): how deployments are chosen, limited, retried.
+    strategy: str = Field("failover", description="load-balancing strategy over the deployments")
+    max_concurrency: int | None = Field(None, ge=1, description="calls in flight for this model")
+    retry: RetryConfig | None = Field(None, description="overrides reliability.retry for this model")
+
+    _strategy = field_validator("strategy")(check_strategy)
 
     @model_validator(mode="after")
     def _one_form(self) -> ModelConfig:
@@ -123,6 +136,9 @@ class ServerConfig(_Model):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     shutdown_grace: float = Field(DEFAULT_SHUTDOWN_GRACE, ge=0, description="seconds")
+    #: On SIGTERM, report not-ready but keep accepting for this long, so load balancers
+    #: stop sending before the listener closes. 0 on a laptop; a few seconds in Kubernetes.
+    drain_delay: float = Field(0.0, ge=0, description="seconds")
     cors: CORSConfig = Field(default_factory=CORSConfig)
     reload_interval: float = Field(2.0, gt=0, description="config file poll period, seconds")
 
@@ -140,6 +156,14 @@ class Config(_Model):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: tuple[ModelConfig, ...] = ()
+    # Access control (hapax._access_config): who may call, how much, at what price, recorded where.
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: GlobalLimits = Field(default_factory=GlobalLimits)
+    teams: dict[str, TeamConfig] = Field(default_factory=dict)
+    pricing: dict[str, ModelPrice] = Field(default_factory=dict, description="per public or upstream model")
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    usage: UsageConfig = Field(default_factory=UsageConfig)
+    reliability: ReliabilityConfig = Field(default_factory=ReliabilityConfig)
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:

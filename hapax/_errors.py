@@ -19,6 +19,7 @@ JSON at exactly one boundary (``hapax._gateway``), in OpenAI or Anthropic shape.
     │   ├── PayloadTooLarge         413
     │   ├── UnsupportedMediaType    415
     │   └── RateLimited             429 (retry_after)
+    │       └── QuotaExceeded       429 insufficient_quota: a token quota or USD budget
     ├── UpstreamError               remote faults, after the gateway tried
     │   ├── UpstreamBadRequest      4xx the provider blamed on the request
     │   ├── UpstreamRateLimited     429
@@ -139,6 +140,13 @@ class RateLimited(ClientError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
     anthropic_type = "rate_limit_error"
+
+
+class QuotaExceeded(RateLimited):
+    """A daily/monthly token quota or USD budget is used up (OpenAI answers 429 too)."""
+
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class UpstreamError(HapaxError):

@@ -33,3 +33,10 @@ class Exchange:
     principal: str = "anonymous"
     #: Queue priority, 0 most urgent: ``x-hapax-priority`` capped by what the caller may ask.
     priority: int = 5
+    #: Whether this request may share an identical concurrent request's upstream call
+    #: (``x-hapax-dedup: off`` says no).
+    dedup: bool = True
+    #: The caller's team, when their key has one.
+    team: str = ""
+    #: US dollars this call cost, once settled.
+    cost_usd: float | None = None

@@ -13,6 +13,8 @@ the reply back → count tokens, time and status; log one access line.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import os
 import re
@@ -62,8 +64,23 @@ _OPS = {
 }
 
 
+_ID_PREFIX = "req_" + os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def _reseed_ids() -> None:
+    # A forked worker must not repeat its parent's ids.
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX = "req_" + os.urandom(6).hex()
+    _id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    """Unique per process (random prefix) and across its life (counter); cheap on the hot path."""
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 class Gateway:
@@ -77,8 +94,9 @@ class Gateway:
         dispatcher: Dispatcher | None = None,
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
-        self.access = access or AccessControl()
-        self.dispatcher = dispatcher or Dispatcher()
+        self.access = access or AccessControl(config)
+        self.access.attach(self.metrics)
+        self.dispatcher = dispatcher or Dispatcher(metrics=self.metrics)
         self._transport_factory = transport_factory
         self.runtime = Runtime(config, generation=1, transport_factory=transport_factory)
         self._bind_metrics(config)
@@ -99,6 +117,7 @@ class Gateway:
         )
         self.runtime = new
         old.retire(new)
+        self.access.apply(config)
         self._bind_metrics(config)
         return new
 
@@ -107,7 +126,12 @@ class Gateway:
         self.metrics.bind_config(names, config.providers)
         self.metrics.config_info.set(to=self.runtime.generation)
 
+    def start(self) -> None:
+        """Start background work (health probes); call once the event loop runs."""
+        self.dispatcher.start(lambda: self.runtime)
+
     async def aclose(self) -> None:
+        await self.dispatcher.aclose()
         await self.runtime.aclose()
         await self.access.aclose()
 
@@ -145,6 +169,11 @@ class Gateway:
             streaming = resp.stream is not None
         except HapaxError as exc:
             resp = self._error(ex, exc)
+        except asyncio.CancelledError:
+            # The client hung up (the front door cancels us): count it, then let it unwind.
+            ex.status = 499
+            self._record(ex, time.perf_counter() - ex.started)
+            raise
         except Exception as exc:  # a bug: answer 500, keep serving
             log.exception("unhandled error", extra={"request_id": rid, "path": req.path})
             resp = self._error(ex, InternalError(f"internal error: {type(exc).__name__}"))
@@ -160,6 +189,8 @@ class Gateway:
             resp.stream = self._finishing(resp.stream, ex)
         else:
             ex.status = resp.status
+            if ex.cost_usd is not None:
+                resp.headers["x-hapax-cost-usd"] = f"{ex.cost_usd:.8f}"
             total = time.perf_counter() - ex.started
             resp.headers["server-timing"] = (
                 f"gateway;dur={(total - ex.upstream_seconds) * 1000:.3f}, "
@@ -179,6 +210,7 @@ class Gateway:
         principal = await self.access.authenticate(req, ex)
         ex.principal = principal.id
         ex.priority = _priority(req.headers.get("x-hapax-priority"), principal)
+        ex.dedup = req.headers.get("x-hapax-dedup", "").lower() != "off"
         body = parse_body(req.body)
         validate(op, body)
         rt = self.runtime
@@ -199,6 +231,7 @@ class Gateway:
                 "x-hapax-provider": d.deployment.provider,
                 "x-hapax-upstream-model": d.deployment.model,
                 "x-hapax-attempts": str(ex.attempts),
+                **d.headers,
                 **admission.headers,
             }
             reply, translation = d.reply, d.translation
@@ -210,7 +243,7 @@ class Gateway:
                     out = reply.raw if reply.raw is not None else orjson.dumps(reply.body)
                 headers["content-type"] = _JSON
                 return Response(200, headers, out)
-            translator = translation.stream(d.deployment.model) if translation else None
+            translator = translation.stream(d.deployment.model, body) if translation else None
             headers.update(_SSE_HEADERS)
             settled = True  # the stream settles and releases when it ends
             stream = self._stream(rt, reply, translator, ex, d.started, admission)
@@ -276,9 +309,9 @@ class Gateway:
 
     def _builtin(self, req: Request, ex: Exchange) -> Response:
         path = req.path
-        if path in ("/health/live", "/health/ready", "/metrics", "/v1/models") or path.startswith(
-            "/v1/models/"
-        ):
+        if path in (
+            "/health/live", "/health/ready", "/metrics", "/v1/models", "/v1/health/providers"
+        ) or path.startswith("/v1/models/"):
             if req.method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(f"{path} accepts GET only")
         else:
@@ -287,6 +320,9 @@ class Gateway:
             return _json(200, {"status": "live"})
         if path == "/health/ready":
             return self._ready()
+        if path == "/v1/health/providers":
+            # Operators' view of every deployment (issue [2]); access control gates it by role.
+            return _json(200, self.dispatcher.snapshot(self.runtime))
         if path == "/metrics":
             return Response(
                 200,
@@ -314,11 +350,17 @@ class Gateway:
             )}
             for name, p in rt.providers.items()
         }
+        health = self.dispatcher.snapshot(rt)
+        for name, info in providers.items():
+            info["probe"] = health["providers"].get(name, {}).get("probe", "disabled")
         status = "draining" if self.draining else "ready"
         body = {
             "status": status,
             "config_generation": rt.generation,
             "providers": providers,
+            # Readiness is the node's own: a failing provider is routed around, not a reason
+            # for the load balancer to drop every node at once.
+            "deployments": {d["deployment"]: d["state"] for d in health["deployments"]},
         }
         return _json(503 if self.draining else 200, body)
 
@@ -340,6 +382,8 @@ class Gateway:
         origin = req.headers.get("origin")
         if not origin:
             return
+        if req.path.startswith("/admin") and origin not in self.runtime.config.auth.admin_cors_origins:
+            return  # browsers may not call the admin API unless an origin is named for it
         if "*" in cors.allow_origins:
             resp.headers["access-control-allow-origin"] = "*"
         elif origin in cors.allow_origins:
@@ -393,6 +437,12 @@ class Gateway:
             if ex.usage is not None:
                 fields["prompt_tokens"] = ex.usage.prompt_tokens
                 fields["completion_tokens"] = ex.usage.completion_tokens
+            if ex.principal != "anonymous":
+                fields["principal"] = ex.principal
+            if ex.team:
+                fields["team"] = ex.team
+            if ex.cost_usd is not None:
+                fields["cost_usd"] = round(ex.cost_usd, 8)
             if ex.error is not None:
                 fields["error_code"] = ex.error.code
             access_log.info("request", extra={"fields": fields})

@@ -198,12 +198,85 @@ class GatewayMetrics:
         self.config_info = r.add(Gauge(
             "hapax_config_generation", "Generation of the config in force; bumps on every reload.",
         ))
+        # Access control (hapax._access): team labels come from config and keys, never from requests.
+        self.auth_failures = r.add(Counter(
+            "hapax_auth_failures_total", "Rejected credentials, by reason.", ("reason",),
+        ))
+        self.limited = r.add(Counter(
+            "hapax_limited_total", "Calls refused by a rate limit, quota or budget, by scope kind and limit.",
+            ("scope", "limit"),
+        ))
+        self.team_requests = r.add(Counter(
+            "hapax_team_requests_total", "Model calls settled, by team and model.", ("team", "model"),
+        ))
+        self.team_tokens = r.add(Counter(
+            "hapax_team_tokens_total", "Tokens charged, by team, model and direction (input|output).",
+            ("team", "model", "direction"),
+        ))
+        self.cost = r.add(Counter(
+            "hapax_cost_usd_total", "Cost charged in US dollars, by team and model.", ("team", "model"),
+        ))
+        # Reliability (hapax._dispatch): deployment labels are provider/model pairs from config.
+        self.attempts = r.add(Counter(
+            "hapax_upstream_attempts_total",
+            "Upstream attempts by deployment and outcome (ok, or the error code).",
+            ("deployment", "outcome"),
+        ))
+        self.retries = r.add(Counter(
+            "hapax_retries_total", "Attempts after a request's first, by model.", ("model",),
+        ))
+        self.failovers = r.add(Counter(
+            "hapax_failovers_total", "Retries that moved to a different deployment, by model.", ("model",),
+        ))
+        self.circuit_state = r.add(Gauge(
+            "hapax_circuit_state", "Circuit breaker state per deployment: 0 closed, 1 half-open, 2 open.",
+            ("deployment",),
+        ))
+        self.circuit_transitions = r.add(Counter(
+            "hapax_circuit_transitions_total", "Circuit breaker state changes, by deployment and new state.",
+            ("deployment", "to"),
+        ))
+        self.deployment_in_flight = r.add(Gauge(
+            "hapax_deployment_in_flight", "Calls in flight per deployment.", ("deployment",),
+        ))
+        self.probes = r.add(Counter(
+            "hapax_health_probes_total", "Active health probes, by provider and result (ok|fail).",
+            ("provider", "result"),
+        ))
+        self.provider_healthy = r.add(Gauge(
+            "hapax_provider_healthy", "Probe status per provider: 1 healthy, 0 unhealthy, -1 unknown.",
+            ("provider",),
+        ))
+        self.queue_depth = r.add(Gauge(
+            "hapax_queue_depth", "Requests waiting for a concurrency slot.",
+        ))
+        self.queue_wait = r.add(Histogram(
+            "hapax_queue_wait_seconds", "Time requests waited for a concurrency slot.",
+            buckets=LATENCY_BUCKETS,
+        ))
+        self.queue_rejections = r.add(Counter(
+            "hapax_queue_rejections_total", "Requests turned away by admission, by reason.", ("reason",),
+        ))
+        self.deduplicated = r.add(Counter(
+            "hapax_deduplicated_requests_total",
+            "Requests answered by an identical concurrent request's upstream call, by model.",
+            ("model",),
+        ))
+        self.queue_depth.set(to=0)
         self.in_flight.set(to=0)
         self.config_info.set(to=0)
         self.models = LabelBound()
         self.providers = LabelBound()
+        self.deployments = LabelBound()
+        self.teams = LabelBound()
 
     def bind_config(self, model_names: Iterable[str], provider_names: Iterable[str]) -> None:
         """Labels follow the config: only configured models and providers get series."""
         self.models = LabelBound(model_names)
         self.providers = LabelBound(provider_names)
+
+    def bind_deployments(self, keys: Iterable[str]) -> None:
+        self.deployments = LabelBound(keys)
+
+    def bind_teams(self, team_names: Iterable[str]) -> None:
+        self.teams = LabelBound(team_names)

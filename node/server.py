@@ -21,6 +21,7 @@ from pathlib import Path
 from aiohttp import web
 
 from hapax import Config, ConfigError, Gateway, HapaxError, Request, load_config
+from hapax._access import AccessControl
 from hapax._errors import PayloadTooLarge
 
 from . import logs
@@ -99,7 +100,8 @@ class Node:
     def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.gateway = Gateway(config, transport_factory=transport_factory)
+        access = AccessControl(config, state_dir=state_dir(config, config_path))
+        self.gateway = Gateway(config, transport_factory=transport_factory, access=access)
         self._stop = asyncio.Event()
         self._reload_now = asyncio.Event()
         self._runner: web.ServerRunner | None = None
@@ -114,6 +116,7 @@ class Node:
         site = web.TCPSite(self._runner, srv.host, srv.port, reuse_port=True, backlog=1024)
         await site.start()
         self.addresses = [f"{a[0]}:{a[1]}" for a in self._runner.addresses if isinstance(a, tuple)]
+        self.gateway.start()
         log.info("listening", extra={"fields": {"addresses": self.addresses}})
         if self.config_path is not None:
             self._file_stamp = _stamp(self.config_path)
@@ -133,12 +136,16 @@ class Node:
 
     async def drain(self) -> None:
         grace = self.gateway.runtime.config.server.shutdown_grace
+        started = time.monotonic()
         log.info("draining", extra={"fields": {"in_flight": self.gateway.in_flight, "grace_s": grace}})
         self.gateway.draining = True
         assert self._runner is not None
+        delay = self.gateway.runtime.config.server.drain_delay
+        if delay:
+            await asyncio.sleep(delay)
         for site in list(self._runner.sites):
             await site.stop()
-        deadline = time.monotonic() + grace
+        deadline = started + grace
         while self.gateway.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = self.gateway.in_flight
@@ -192,8 +199,21 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     return (st.st_mtime_ns, st.st_size)
 
 
+def state_dir(config: Config, config_path: Path | None) -> Path | None:
+    """``auth.state_dir``; a relative one is relative to the config file, not the cwd."""
+    d = config.auth.state_dir
+    if d is None:
+        return None
+    p = Path(d).expanduser()
+    if not p.is_absolute() and config_path is not None:
+        p = config_path.resolve().parent / p
+    return p
+
+
 def serve(config: Config, *, config_path: Path | None = None) -> None:
     logs.configure(config.logging)
+    if config_path is None:
+        log.warning("no --config given: serving the embedded demo (mock provider, memory state)")
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported OS

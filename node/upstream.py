@@ -22,7 +22,7 @@ from hapax import (
     UpstreamRequest,
     UpstreamResponse,
 )
-from hapax._config import ProviderConfig
+from hapax._config import ProviderConfig, Timeouts
 
 #: Keep idle upstream connections a while: providers are called constantly.
 KEEPALIVE_SECONDS = 60.0
@@ -91,6 +91,7 @@ class AiohttpTransport(Transport):
     def __init__(self, config: ProviderConfig) -> None:
         self._limit = config.pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._client_timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -113,7 +114,11 @@ class AiohttpTransport(Transport):
         loop = asyncio.get_running_loop()
         t = request.timeouts
         deadline = loop.time() + t.total
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, connect=t.connect)
+        timeout = self._client_timeouts.get(t)
+        if timeout is None:
+            timeout = self._client_timeouts[t] = aiohttp.ClientTimeout(
+                total=None, sock_connect=t.connect, connect=t.connect
+            )
         try:
             async with asyncio.timeout_at(min(deadline, loop.time() + t.first_byte)):
                 resp = await session.request(

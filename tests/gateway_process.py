@@ -76,8 +76,11 @@ class GatewayProcess:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is not None:
+            self._log.close()
+            return self.proc.returncode
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)

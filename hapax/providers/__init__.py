@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from .._config import ProviderConfig
 from .._transport import Transport
+from ._anthropic import AnthropicProvider
+from ._azure import AzureOpenAIProvider
 from ._base import Call, JsonReply, Operation, Provider, Reply, StreamReply
+from ._gemini import GeminiProvider
 from ._mock import MockProvider
 from ._openai import OpenAIProvider
 
@@ -21,7 +24,10 @@ __all__ = [
 
 PROVIDER_TYPES: dict[str, type[Provider]] = {
     "openai": OpenAIProvider,
+    "anthropic": AnthropicProvider,
     "mock": MockProvider,
+    "azure-openai": AzureOpenAIProvider,
+    "gemini": GeminiProvider,
 }
 
 

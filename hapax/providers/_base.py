@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import orjson
 
-from .._config import ProviderConfig
+from .._config import ProviderConfig, Timeouts
 from .._errors import (
     UpstreamBadRequest,
     UpstreamError,
@@ -45,6 +45,17 @@ from .._transport import (
     UpstreamResponse,
 )
 from .._usage import Usage
+
+#: Token-free liveness requests by provider type: (default base URL, path under it).
+#: Each lists models, which all of these APIs serve without spending tokens.
+PROBES: dict[str, tuple[str, str]] = {
+    "openai": ("https://api.openai.com/v1", "/models"),
+    "azure-openai": ("", "/openai/models?api-version={api_version}"),
+    "anthropic": ("https://api.anthropic.com", "/v1/models"),
+    "gemini": ("https://generativelanguage.googleapis.com", "/v1beta/models"),
+}
+#: A generally available Azure OpenAI API version, for probes when none is configured.
+_PROBE_AZURE_API_VERSION = "2024-10-21"
 
 
 class Operation(StrEnum):
@@ -100,6 +111,61 @@ class Provider(ABC):
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+
+    # -- health probes ---------------------------------------------------------------------
+
+    async def probe(self, *, timeout: float, prompt_model: str | None = None) -> None:
+        """Check the provider answers; raise ``UpstreamError`` when it does not.
+
+        By default a token-free GET from ``PROBES`` (list models): any answer but
+        5xx, 401 or 403 means the endpoint is up, since a 404 or 429 still proves
+        it is serving. With ``prompt_model`` it sends a one-token completion
+        instead, which spends tokens and is only made when configured.
+        """
+        if prompt_model is not None:
+            await self._probe_prompt(prompt_model)
+            return
+        req = self.probe_request(timeout)
+        if req is None:
+            if self.type == "mock" and self.config.mock.failure_rate >= 1:
+                raise UpstreamUnavailable(f"provider {self.name} is configured to always fail")
+            return
+        try:
+            resp = await self.transport.send(req)
+            try:
+                await resp.read()
+            finally:
+                resp.close()
+        except TransportError as exc:
+            raise translate_transport_error(exc, self.name) from exc
+        if resp.status >= 500 or resp.status in (401, 403):
+            raise self.error_from_status(resp.status, b"", resp.headers.get("retry-after"))
+
+    def probe_request(self, timeout: float) -> UpstreamRequest | None:
+        """The cheap probe for this provider type; ``None`` when there is nothing to call."""
+        entry = PROBES.get(self.type)
+        if entry is None:
+            return None
+        default_base, path = entry
+        base = (self.config.base_url or default_base).rstrip("/")
+        if base.endswith("/v1") and path.startswith("/v1/"):
+            path = path[3:]  # the base already carries the version, as some SDKs spell it
+        path = path.format(api_version=self.config.api_version or _PROBE_AZURE_API_VERSION)
+        make_headers = getattr(self, "headers", None)
+        headers: dict[str, str] = dict(make_headers()) if callable(make_headers) else dict(self.config.headers)
+        headers.pop("content-type", None)
+        t = Timeouts(connect=timeout, first_byte=timeout, total=timeout, stream_idle=timeout)
+        return UpstreamRequest("GET", base + path, headers, None, t)
+
+    async def _probe_prompt(self, model: str) -> None:
+        messages = [{"role": "user", "content": "ping"}]
+        if Operation.CHAT in self.operations:
+            call = Call(Operation.CHAT, {"model": model, "messages": messages, "max_tokens": 1}, False, "probe")
+        else:
+            call = Call(Operation.MESSAGES, {"model": model, "messages": messages, "max_tokens": 1}, False, "probe")
+        reply = await self.send(call)
+        if isinstance(reply, StreamReply):
+            reply.close()
 
     # -- helpers shared by HTTP adapters -------------------------------------------------
 

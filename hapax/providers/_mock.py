@@ -35,6 +35,8 @@ class MockProvider(Provider):
         if s.latency_ms:
             await asyncio.sleep(s.latency_ms / 1000)
         if s.failure_rate and self._rng.random() < s.failure_rate:
+            if s.failure_mode == "exception":
+                raise RuntimeError("mock provider: injected bug")
             raw = orjson.dumps({"error": {"message": "injected failure", "type": "mock_error"}})
             raise self.error_from_status(s.failure_status, raw, "1" if s.failure_status == 429 else None)
         body = call.body

@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
+from .._config import ProviderConfig
 from .._sse import SSEEvent
+from .._transport import Transport
 from .._usage import Usage
 from ._base import Call, JsonReply, Operation, Provider, Reply, StreamReply
 
@@ -28,6 +30,12 @@ class OpenAIProvider(Provider):
     type = "openai"
     operations: ClassVar[frozenset[Operation]] = frozenset(_PATHS)
 
+    def __init__(self, *, name: str, config: ProviderConfig, transport: Transport) -> None:
+        super().__init__(name=name, config=config, transport=transport)
+        # Built once: headers and URLs depend only on the (immutable) config.
+        self._headers = self.headers()
+        self._urls: dict[tuple[Operation, str], str] = {}
+
     def url(self, op: Operation, model: str) -> str:
         base = (self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
         return base + _PATHS[op]
@@ -41,8 +49,7 @@ class OpenAIProvider(Provider):
 
     async def send(self, call: Call) -> Reply:
         body = call.body
-        headers = self.headers()
-        headers["x-request-id"] = call.request_id
+        headers = {**self._headers, "x-request-id": call.request_id}
         wants_usage = True
         if call.stream:
             opts = body.get("stream_options")
@@ -50,7 +57,12 @@ class OpenAIProvider(Provider):
             if not wants_usage:
                 body = dict(body)
                 body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-        resp = await self._request(self.url(call.op, str(body.get("model", ""))), headers, body)
+        key = (call.op, str(body.get("model", "")))
+        url = self._urls.get(key)
+        if url is None:
+            # Bounded: one entry per operation and configured deployment.
+            url = self._urls[key] = self.url(*key)
+        resp = await self._request(url, headers, body)
         if not call.stream:
             data, raw = await self._read_json(resp)
             usage = Usage()

@@ -11,6 +11,11 @@ Errors use OpenAI's error body. ``state.faults`` scripts misbehaviour:
     {"reset": True}                      close the connection without a response
     {"truncate_stream_after": 2}         stream N chunks, then cut the connection
     {"malformed": True}                  a 200 whose body is not JSON
+    {"truncate_body": True}              a 200 JSON body cut short (Content-Length promises more)
+    {"malformed_stream": True}           a 200 event stream whose events are not JSON
+    {"chunk_delay": 1, "chunk_delay_from": 1}   sleep before each stream event from the Nth on
+
+``state.always`` (a fault dict) applies to every request once ``faults`` is empty.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import base64
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -27,6 +33,8 @@ from aiohttp import web
 from .server import Seen, UpstreamState
 
 STATE = web.AppKey("state", UpstreamState)
+FAULT = web.RequestKey("fault", dict)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _usage(p: int, c: int) -> dict[str, int]:
@@ -45,7 +53,14 @@ async def _apply_fault(request: web.Request, state: UpstreamState) -> web.Stream
     if fault is None:
         return None
     if "hang" in fault:
-        await asyncio.sleep(fault["hang"])
+        # Sleep in slices so a gateway that hangs up is noticed and counted.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + fault["hang"]
+        while loop.time() < end:
+            if request.transport is None or request.transport.is_closing():
+                state.disconnects += 1
+                return web.Response(status=499)
+            await asyncio.sleep(0.02)
     if fault.get("reset"):
         assert request.transport is not None
         request.transport.abort()
@@ -58,7 +73,21 @@ async def _apply_fault(request: web.Request, state: UpstreamState) -> web.Stream
                             headers=headers)
     if fault.get("malformed"):
         return web.Response(status=200, body=b"<html>oops", content_type="text/html")
-    request["fault"] = fault
+    if fault.get("truncate_body"):
+        resp = web.StreamResponse(status=200, headers={"content-type": "application/json",
+                                                       "content-length": "400"})
+        await resp.prepare(request)
+        await resp.write(b'{"id": "chatcmpl-cut", "object": "chat.comp')
+        assert request.transport is not None
+        request.transport.abort()
+        return resp
+    if fault.get("malformed_stream"):
+        resp = web.StreamResponse(status=200, headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: <html>this is not json</html>\n\n")
+        await resp.write_eof()
+        return resp
+    request[FAULT] = fault
     return None
 
 
@@ -105,7 +134,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                      "finish_reason": finish}]}
 
-    fault = request.get("fault") or {}
+    fault = request.get(FAULT) or {}
     cut = fault.get("truncate_stream_after")
     events: list[dict[str, Any]] = [chunk({"role": "assistant", "content": "", "refusal": None})]
     if tools:
@@ -126,9 +155,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
             assert request.transport is not None
             request.transport.abort()
             return resp
-        if fault.get("chunk_delay"):
+        if fault.get("chunk_delay") and i >= fault.get("chunk_delay_from", 0):
             await asyncio.sleep(fault["chunk_delay"])
-        await send(ev)
+        try:
+            await send(ev)
+        except ConnectionResetError:
+            state.disconnects += 1
+            return resp
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
@@ -187,4 +220,32 @@ def make_app(state: UpstreamState | None = None, *, prefix: str = "/v1") -> web.
     app.router.add_post(prefix + "/completions", completions)
     app.router.add_post(prefix + "/embeddings", embeddings)
     app.router.add_get(prefix + "/models", models)
+    return app
+
+
+def _azure(handler: Handler) -> Handler:
+    """Azure's front: no api-version is a 404 before the deployment is even looked at."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        if "api-version" not in request.query:
+            await _record(request)
+            return web.json_response({"error": {
+                "code": "404", "message": "Resource not found"}}, status=404)
+        return await handler(request)
+
+    return wrapped
+
+
+def make_azure_app(state: UpstreamState | None = None) -> web.Application:
+    """The same API as Azure OpenAI serves it: per-deployment paths, ``?api-version=``.
+
+    The handlers and their fault scripting are the OpenAI ones; the deployment
+    and the api-version are visible in ``state.seen`` (``path``, ``query``).
+    """
+    app = web.Application()
+    app[STATE] = state or UpstreamState()
+    base = "/openai/deployments/{deployment}"
+    app.router.add_post(base + "/chat/completions", _azure(chat))
+    app.router.add_post(base + "/completions", _azure(completions))
+    app.router.add_post(base + "/embeddings", _azure(embeddings))
     return app

@@ -41,9 +41,21 @@ class UpstreamState:
     #: Scripted faults, consumed in order: each is a dict the app interprets.
     faults: list[dict[str, Any]] = field(default_factory=list)
     reply: str = "Hello from upstream!"
+    #: Requests whose client (the gateway) hung up while the upstream was still working.
+    disconnects: int = 0
+
+    #: A fault for every request once ``faults`` runs out (a persistently broken upstream).
+    always: dict[str, Any] | None = None
 
     def next_fault(self) -> dict[str, Any] | None:
-        return self.faults.pop(0) if self.faults else None
+        return self.faults.pop(0) if self.faults else self.always
+
+
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class UpstreamServer:
@@ -71,6 +83,8 @@ class UpstreamServer:
     def stop(self) -> None:
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        # Handlers still sleeping in a scripted hang end here, not as "destroyed pending" noise.
+        asyncio.run_coroutine_threadsafe(_cancel_others(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()

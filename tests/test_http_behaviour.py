@@ -1,0 +1,179 @@
+"""Front-door behaviour every client sees: errors, request ids, limits, CORS, panics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import httpx
+import openai
+import pytest
+
+from tests.gateway_process import GatewayProcess
+
+CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def _config(**server: object) -> dict[str, object]:
+    return {
+        "server": {"max_body_bytes": 2048, **server},
+        "providers": {
+            "demo": {"type": "mock"},
+            "buggy": {"type": "mock", "mock": {"failure_rate": 1.0, "failure_mode": "exception"}},
+            "down": {"type": "mock", "mock": {"failure_rate": 1.0, "failure_status": 503}},
+        },
+        "models": [
+            {"name": "demo", "provider": "demo"},
+            {"name": "buggy", "provider": "buggy"},
+            {"name": "down", "provider": "down"},
+        ],
+    }
+
+
+@pytest.fixture
+def gw(gateway: Callable[..., GatewayProcess]) -> GatewayProcess:
+    return gateway(_config())
+
+
+def _post(gw: GatewayProcess, body: bytes | None = None, **kw: object) -> httpx.Response:
+    headers = {"content-type": "application/json", **kw.pop("headers", {})}  # type: ignore[dict-item]
+    return httpx.post(gw.url + "/v1/chat/completions", content=body, headers=headers, timeout=10, **kw)  # type: ignore[arg-type]
+
+
+def _error(r: httpx.Response) -> dict[str, object]:
+    err = r.json()["error"]
+    assert set(err) >= {"message", "type", "param", "code", "request_id"}
+    assert err["request_id"] == r.headers["x-request-id"]
+    return err  # type: ignore[no-any-return]
+
+
+def test_malformed_json_is_400(gw: GatewayProcess) -> None:
+    r = _post(gw, b'{"model": "demo", "messages": [')
+    assert r.status_code == 400
+    assert _error(r)["code"] == "invalid_json"
+
+
+def test_missing_field_names_the_param(gw: GatewayProcess) -> None:
+    r = _post(gw, b'{"model": "demo"}')
+    assert r.status_code == 400
+    err = _error(r)
+    assert err["param"] == "messages" and err["code"] == "missing_required_parameter"
+
+
+def test_wrong_type_names_the_param(gw: GatewayProcess) -> None:
+    r = _post(gw, b'{"model": "demo", "messages": [{"role": "user"}], "stream": "yes"}')
+    assert r.status_code == 400 and _error(r)["param"] == "stream"
+
+
+def test_body_too_large_is_413(gw: GatewayProcess) -> None:
+    big = b'{"model": "demo", "messages": [{"role": "user", "content": "' + b"x" * 4096 + b'"}]}'
+    r = _post(gw, big)
+    assert r.status_code == 413 and _error(r)["code"] == "payload_too_large"
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield big[:100]
+        yield big[100:]
+
+    # Without a Content-Length the limit still holds.
+    r = httpx.post(gw.url + "/v1/chat/completions", content=chunks(),
+                   headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == 413
+
+
+def test_content_type_is_checked(gw: GatewayProcess) -> None:
+    r = _post(gw, b"{}", headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and _error(r)["code"] == "unsupported_media_type"
+    r = _post(gw, b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}]}',
+              headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200
+
+
+def test_unknown_route_and_method(gw: GatewayProcess) -> None:
+    r = httpx.get(gw.url + "/v1/nope")
+    assert r.status_code == 404 and _error(r)["code"] == "route_not_found"
+    r = httpx.get(gw.url + "/v1/chat/completions")
+    assert r.status_code == 405 and _error(r)["code"] == "method_not_allowed"
+
+
+def test_request_id_honoured_or_generated(gw: GatewayProcess) -> None:
+    r = _post(gw, orjson_dumps(CHAT), headers={"x-request-id": "trace-abc.123"})
+    assert r.headers["x-request-id"] == "trace-abc.123"
+    r = _post(gw, orjson_dumps(CHAT), headers={"x-request-id": "bad id\twith spaces"})
+    assert r.headers["x-request-id"].startswith("req_")
+    assert "gateway;dur=" in r.headers["server-timing"]
+    assert "trace-abc.123" in gw.logs()
+
+
+def test_a_bug_is_a_500_and_the_process_lives(gw: GatewayProcess) -> None:
+    r = _post(gw, b'{"model": "buggy", "messages": [{"role": "user", "content": "x"}]}')
+    assert r.status_code == 500
+    err = _error(r)
+    assert err["code"] == "internal_error" and err["type"] == "api_error"
+    assert _post(gw, orjson_dumps(CHAT)).status_code == 200
+    assert "Traceback" in gw.logs()  # the bug is logged for the operator
+
+
+def test_upstream_failure_is_502_or_503_openai_shaped(gw: GatewayProcess) -> None:
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="down", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code in (502, 503)
+    assert info.value.code is not None and info.value.code.startswith(("upstream", "no_healthy"))
+
+
+def test_cors_off_by_default(gw: GatewayProcess) -> None:
+    r = httpx.get(gw.url + "/v1/models", headers={"origin": "https://app.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_when_enabled(gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway(_config(cors={"enabled": True, "allow_origins": ["https://app.example"]}))
+    r = httpx.options(gw.url + "/v1/chat/completions", headers={
+        "origin": "https://app.example", "access-control-request-method": "POST"})
+    assert r.status_code == 204
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    r = httpx.get(gw.url + "/v1/models", headers={"origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_metrics_and_health(gw: GatewayProcess) -> None:
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0)
+    client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
+    list(client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], stream=True))
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="who", messages=[{"role": "user", "content": "hi"}])
+    text = httpx.get(gw.url + "/metrics").text
+    assert 'hapax_requests_total{route="chat_completions",model="demo",provider="demo",status="200"} 2' in text
+    # An unknown model name never becomes a label value.
+    assert 'model="who"' not in text
+    assert 'hapax_errors_total{type="invalid_request_error",code="model_not_found"} 1' in text
+    assert 'hapax_tokens_total{model="demo",provider="demo",direction="output"}' in text
+    assert 'hapax_time_to_first_token_seconds_count{model="demo",provider="demo"} 1' in text
+    assert "hapax_gateway_overhead_seconds_bucket" in text
+    assert "hapax_requests_in_flight 1" in text  # the scrape itself
+    ready = httpx.get(gw.url + "/health/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert "demo" in ready.json()["providers"]
+    assert httpx.get(gw.url + "/health/live").json() == {"status": "live"}
+
+
+def test_access_log_has_no_prompt(gw: GatewayProcess) -> None:
+    secret_prompt = "my-private-prompt-4242"
+    r = _post(gw, orjson_dumps({"model": "demo", "messages": [{"role": "user", "content": secret_prompt}]}))
+    assert r.status_code == 200
+    import time
+    deadline = time.monotonic() + 5
+    while r.headers["x-request-id"] not in gw.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logs = gw.logs()
+    line = next(ln for ln in logs.splitlines() if r.headers["x-request-id"] in ln)
+    import json
+    entry = json.loads(line)
+    assert entry["status"] == 200 and entry["model"] == "demo" and entry["completion_tokens"] > 0
+    assert secret_prompt not in logs
+
+
+def orjson_dumps(obj: object) -> bytes:
+    import orjson
+
+    return orjson.dumps(obj)
