@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,14 +63,17 @@ from ._exchange import Exchange
 from ._health import DeploymentHealth, HealthStore, MemoryHealthStore, Prober, ProbeStatus
 from ._metrics import GatewayMetrics
 from ._retry import GiveUp, RetryPlan, retry_after_of
-from ._sse import SSEEvent
 from ._translate import Translation, find_translation
-from .providers import Call, Operation, Provider, Reply, StreamReply
+from .providers import Call, EventBatches, Operation, Provider, Reply, StreamReply
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
 log = logging.getLogger("hapax.dispatch")
+
+#: Event-loop timers may fire a millisecond early against the monotonic clock; waiting for
+#: a deployment's cool-down to end, wake just after it rather than just before.
+TIMER_SLACK = 0.005
 
 
 @dataclass(slots=True)
@@ -244,7 +247,7 @@ class Dispatcher:
                     step = plan.next_step(last, repeat=1, retry_after=back, now=now)
                     if not isinstance(step, GiveUp):
                         waited = True
-                        await asyncio.sleep(step.delay)
+                        await asyncio.sleep(step.delay + TIMER_SLACK)
                         continue
                 raise last if last is not None else self._no_upstream(model, now)
             if last is not None and not waited:
@@ -387,10 +390,10 @@ class Dispatcher:
             return
         events = reply.events
 
-        async def watched() -> AsyncIterator[SSEEvent]:
+        async def watched() -> EventBatches:
             try:
-                async for ev in events:
-                    yield ev
+                async for batch in events:
+                    yield batch
             except UpstreamError as exc:
                 # After the first byte there is no retry; the breaker still learns of it.
                 if breakers_on and exc.retryable and not isinstance(exc, UpstreamRateLimited):
@@ -595,25 +598,25 @@ async def _peek(reply: StreamReply, provider: str) -> None:
     """Wait for the first event, so a stream that fails at once can still fail over."""
     events = reply.events
     try:
-        first = await events.__anext__()
+        first = await anext(events)
     except StopAsyncIteration:
         return
     except BaseException:
         reply.close()
         raise
-    if first.data != b"[DONE]":
+    if first and first[0].data != b"[DONE]":
         try:
-            first.json()
+            first[0].json()
         except orjson.JSONDecodeError:
             reply.close()
             raise UpstreamUnavailable(
                 f"provider {provider} sent a stream event that is not JSON", code="upstream_malformed_stream"
             ) from None
 
-    async def replay() -> AsyncIterator[SSEEvent]:
+    async def replay() -> EventBatches:
         yield first
-        async for ev in events:
-            yield ev
+        async for batch in events:
+            yield batch
 
     reply.events = replay()
 

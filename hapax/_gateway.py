@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import orjson
@@ -184,10 +184,7 @@ class Gateway:
         resp.headers["x-request-id"] = rid
         if cors.enabled:
             self._cors(req, resp)
-        if streaming:
-            assert resp.stream is not None
-            resp.stream = self._finishing(resp.stream, ex)
-        else:
+        if not streaming:
             ex.status = resp.status
             if ex.cost_usd is not None:
                 resp.headers["x-hapax-cost-usd"] = f"{ex.cost_usd:.8f}"
@@ -246,64 +243,12 @@ class Gateway:
             translator = translation.stream(d.deployment.model, body) if translation else None
             headers.update(_SSE_HEADERS)
             settled = True  # the stream settles and releases when it ends
-            stream = self._stream(rt, reply, translator, ex, d.started, admission)
+            stream = _ResponseStream(self, rt, reply, translator, ex, d.started, admission)
             return Response(200, headers, stream=stream)
         finally:
             if not settled:
                 rt.release()
                 self.access.settle(admission, ex.usage, ex)
-
-    async def _stream(
-        self,
-        rt: Runtime,
-        reply: StreamReply,
-        translator: StreamTranslator | None,
-        ex: Exchange,
-        t0: float,
-        admission: Admission,
-    ) -> AsyncIterator[bytes]:
-        anthropic = ex.anthropic
-        try:
-            async for ev in reply.events:
-                out = translator.feed(ev) if translator is not None else (ev,)
-                for e in out:
-                    if ex.ttft is None:
-                        ex.ttft = time.perf_counter() - ex.started
-                    yield _encode(e, anthropic)
-            if translator is not None:
-                for e in translator.finish(reply.usage):
-                    yield _encode(e, anthropic)
-            if not anthropic:
-                yield b"data: [DONE]\n\n"
-        except HapaxError as exc:
-            ex.error = exc
-            yield self._stream_error(ex, exc)
-        except Exception as exc:
-            log.exception("unhandled error in stream", extra={"request_id": ex.request_id})
-            ex.error = InternalError(f"internal error: {type(exc).__name__}")
-            yield self._stream_error(ex, ex.error)
-        finally:
-            ex.upstream_seconds = time.perf_counter() - t0
-            reply.close()
-            rt.release()
-            self.access.settle(admission, ex.usage, ex)
-
-    async def _finishing(self, stream: AsyncIterator[bytes], ex: Exchange) -> AsyncIterator[bytes]:
-        """Wrap a stream so it is counted and logged however it ends (done, error, hang-up)."""
-        ex.status = 200
-        try:
-            async for chunk in stream:
-                yield chunk
-        except BaseException:
-            ex.status = 499  # client closed request (nginx's code): the front door cancelled us
-            raise
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
-            self._record(ex, time.perf_counter() - ex.started)
 
     # -- built-in routes ---------------------------------------------------------------
 
@@ -446,6 +391,96 @@ class Gateway:
             if ex.error is not None:
                 fields["error_code"] = ex.error.code
             access_log.info("request", extra={"fields": fields})
+
+
+class _ResponseStream:
+    """The body of a streamed response: the client's events, one write per upstream read.
+
+    Whatever way the stream ends (done, upstream error, client gone, or closed by
+    the front door before it ever started), ``_finish`` runs exactly once: the
+    upstream is released, usage is settled, and the request is counted and logged.
+    A plain async generator could not promise that: closing one that never
+    started skips its ``finally``.
+    """
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        rt: Runtime,
+        reply: StreamReply,
+        translator: StreamTranslator | None,
+        ex: Exchange,
+        t0: float,
+        admission: Admission,
+    ) -> None:
+        self._gw = gateway
+        self._rt = rt
+        self._reply = reply
+        self._translator = translator
+        self._ex = ex
+        self._t0 = t0
+        self._admission = admission
+        self._body = self._events()
+        self._finished = False
+        ex.status = 200
+
+    def __aiter__(self) -> _ResponseStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._body)
+
+    async def aclose(self) -> None:
+        try:
+            await self._body.aclose()
+        finally:
+            self._finish(hung_up=True)
+
+    async def _events(self) -> AsyncGenerator[bytes, None]:
+        ex, translator, gw = self._ex, self._translator, self._gw
+        anthropic = ex.anthropic
+        try:
+            async for batch in self._reply.events:
+                if translator is None:
+                    out = b"".join([_encode(e, anthropic) for e in batch])
+                else:
+                    out = b"".join([_encode(e, anthropic) for ev in batch for e in translator.feed(ev)])
+                if out:
+                    if ex.ttft is None:
+                        ex.ttft = time.perf_counter() - ex.started
+                    yield out
+            tail = b""
+            if translator is not None:
+                tail = b"".join([_encode(e, anthropic) for e in translator.finish(self._reply.usage)])
+            if not anthropic:
+                tail += b"data: [DONE]\n\n"
+            if tail:
+                yield tail
+        except HapaxError as exc:
+            ex.error = exc
+            yield gw._stream_error(ex, exc)
+        except Exception as exc:
+            log.exception("unhandled error in stream", extra={"request_id": ex.request_id})
+            ex.error = InternalError(f"internal error: {type(exc).__name__}")
+            yield gw._stream_error(ex, ex.error)
+        self._finish(hung_up=False)
+
+    def _finish(self, *, hung_up: bool) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        ex, gw = self._ex, self._gw
+        if hung_up:
+            ex.status = 499  # client closed request (nginx's code): it left before the end
+        ex.upstream_seconds = time.perf_counter() - self._t0
+        try:
+            self._reply.close()
+        finally:
+            self._rt.release()
+            gw.access.settle(self._admission, ex.usage, ex)
+            gw.in_flight -= 1
+            gw.metrics.in_flight.dec()
+            gw._record(ex, time.perf_counter() - ex.started)
 
 
 def _priority(header: str | None, principal: Principal) -> int:

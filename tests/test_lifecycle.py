@@ -45,11 +45,12 @@ def _stream_in_thread(gw: GatewayProcess, model: str, out: dict[str, Any]) -> th
     def run() -> None:
         try:
             text = ""
-            for c in client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": "go"}], stream=True
-            ):
-                text += (c.choices[0].delta.content or "") if c.choices else ""
-                out["started"] = True
+            with client:
+                for c in client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": "go"}], stream=True
+                ):
+                    text += (c.choices[0].delta.content or "") if c.choices else ""
+                    out["started"] = True
             out["text"] = text
         except Exception as exc:  # reported to the test thread
             out["error"] = exc
@@ -150,8 +151,12 @@ def test_first_byte_timeout_is_504(
 
 
 def _collect_stream(gw: GatewayProcess) -> tuple[str, openai.APIError | None]:
-    client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=10)
     text = ""
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=10) as client:
+        return _collect(client, text)
+
+
+def _collect(client: openai.OpenAI, text: str) -> tuple[str, openai.APIError | None]:
     try:
         for c in client.chat.completions.create(
             model="m", messages=[{"role": "user", "content": "x"}], stream=True

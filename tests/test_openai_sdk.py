@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import openai
 import pytest
@@ -29,10 +29,11 @@ def _config(upstream_url: str) -> dict[str, object]:
 @pytest.fixture
 def client(
     gateway: Callable[..., GatewayProcess], openai_upstream: tuple[UpstreamServer, UpstreamState]
-) -> openai.OpenAI:
+) -> Iterator[openai.OpenAI]:
     server, _ = openai_upstream
     gw = gateway(_config(server.url))
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key="client-key", max_retries=0)
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key="client-key", max_retries=0) as c:
+        yield c
 
 
 def test_chat_non_streaming(client: openai.OpenAI, openai_upstream: tuple[UpstreamServer, UpstreamState]) -> None:

@@ -49,6 +49,7 @@ def _config(ups: Ups, *, strategy: str = "failover", breaker: dict[str, Any] | N
 
 
 def _text(r: httpx.Response) -> str:
+    assert r.status_code == 200, r.text
     return str(r.json()["choices"][0]["message"]["content"])
 
 

@@ -6,7 +6,7 @@ from .._config import ProviderConfig
 from .._transport import Transport
 from ._anthropic import AnthropicProvider
 from ._azure import AzureOpenAIProvider
-from ._base import Call, JsonReply, Operation, Provider, Reply, StreamReply
+from ._base import Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
 from ._gemini import GeminiProvider
 from ._mock import MockProvider
 from ._openai import OpenAIProvider
@@ -14,6 +14,7 @@ from ._openai import OpenAIProvider
 __all__ = [
     "PROVIDER_TYPES",
     "Call",
+    "EventBatches",
     "JsonReply",
     "Operation",
     "Provider",

@@ -11,7 +11,6 @@ stream with its own error event.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import orjson
@@ -26,7 +25,7 @@ from .._errors import (
 from .._sse import SSEEvent
 from .._transport import UpstreamResponse
 from .._usage import Usage
-from ._base import Call, JsonReply, Operation, Provider, Reply, StreamReply
+from ._base import Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 
@@ -77,17 +76,20 @@ class AnthropicProvider(Provider):
         reply._close = resp.close
         return reply
 
-    async def _stream(self, resp: UpstreamResponse, usage: Usage) -> AsyncIterator[SSEEvent]:
-        async for ev in self._events(resp):
-            name = ev.event
-            if name == "message_start":
-                msg = _object(ev).get("message")
-                usage.take_anthropic(msg.get("usage") if isinstance(msg, dict) else None)
-            elif name == "message_delta":
-                usage.take_anthropic(_object(ev).get("usage"))
-            elif name == "error":
-                raise self.stream_error(ev.data)
-            yield ev
+    async def _stream(self, resp: UpstreamResponse, usage: Usage) -> EventBatches:
+        async for batch in self._events(resp):
+            for i, ev in enumerate(batch):
+                name = ev.event
+                if name == "message_start":
+                    msg = _object(ev).get("message")
+                    usage.take_anthropic(msg.get("usage") if isinstance(msg, dict) else None)
+                elif name == "message_delta":
+                    usage.take_anthropic(_object(ev).get("usage"))
+                elif name == "error":
+                    if i:
+                        yield batch[:i]  # what came before the error still reaches the client
+                    raise self.stream_error(ev.data)
+            yield batch
 
     def stream_error(self, raw: bytes) -> UpstreamError:
         """The gateway error for an ``error`` event that arrived mid-stream."""
@@ -120,6 +122,6 @@ def _object(ev: SSEEvent) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-async def _empty() -> AsyncIterator[SSEEvent]:
+async def _empty() -> EventBatches:
     return
     yield  # pragma: no cover

@@ -82,9 +82,14 @@ class JsonReply:
     raw: bytes | None = None
 
 
+#: A stream's events, in batches: everything decoded from one upstream read, so the
+#: gateway writes once per read rather than once per event.
+EventBatches = AsyncIterator[list[SSEEvent]]
+
+
 @dataclass(slots=True)
 class StreamReply:
-    events: AsyncIterator[SSEEvent]
+    events: EventBatches
     usage: Usage = field(default_factory=Usage)
     _close: Callable[[], None] | None = None
 
@@ -201,16 +206,17 @@ class Provider(ABC):
             raise UpstreamUnavailable(f"provider {self.name} sent JSON that is not an object")
         return data, raw
 
-    async def _events(self, resp: UpstreamResponse) -> AsyncIterator[SSEEvent]:
-        """Decode an upstream SSE body; a cut or stalled stream raises ``UpstreamError``."""
+    async def _events(self, resp: UpstreamResponse) -> EventBatches:
+        """Decode an upstream SSE body, one batch per read; a cut or stalled stream raises ``UpstreamError``."""
         decoder = SSEDecoder()
         try:
             async for chunk in resp.iter_chunks():
-                for ev in decoder.feed(chunk):
-                    yield ev
+                batch = decoder.feed(chunk)
+                if batch:
+                    yield batch
             tail = decoder.close()
             if tail is not None:
-                yield tail
+                yield [tail]
         except TransportError as exc:
             raise translate_transport_error(exc, self.name) from exc
         finally:

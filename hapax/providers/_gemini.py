@@ -32,7 +32,6 @@ import base64
 import os
 import struct
 import time
-from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 from urllib.parse import quote
 
@@ -41,7 +40,7 @@ import orjson
 from .._errors import InvalidField, UpstreamError, UpstreamUnavailable
 from .._sse import SSEEvent
 from .._usage import Usage, estimate_prompt_tokens, text_of
-from ._base import Call, JsonReply, Operation, Provider, Reply, StreamReply
+from ._base import Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 #: v1beta, not v1: systemInstruction, tools and JSON mode are only complete there.
@@ -538,23 +537,29 @@ class GeminiProvider(Provider):
         )
         return StreamReply(events=self._stream(resp, stream), usage=usage, _close=resp.close)
 
-    async def _stream(self, resp: Any, stream: ChatStream) -> AsyncIterator[SSEEvent]:
-        async for ev in self._events(resp):
-            try:
-                data = ev.json()
-            except orjson.JSONDecodeError:
-                raise UpstreamUnavailable(f"provider {self.name} sent a stream event that is not JSON") from None
-            if not isinstance(data, dict):
-                raise UpstreamUnavailable(f"provider {self.name} sent a stream event that is not an object")
-            err = data.get("error")
-            if isinstance(err, dict):
-                # Google reports a failure after the headers as an error object in the stream.
-                code = err.get("code")
-                raise self.error_from_status(code if isinstance(code, int) else 500, ev.data, None)
-            for chunk in stream.feed(data):
-                yield SSEEvent(data=orjson.dumps(chunk))
-        for chunk in stream.finish():
-            yield SSEEvent(data=orjson.dumps(chunk))
+    async def _stream(self, resp: Any, stream: ChatStream) -> EventBatches:
+        async for batch in self._events(resp):
+            out: list[SSEEvent] = []
+            for ev in batch:
+                try:
+                    data = ev.json()
+                except orjson.JSONDecodeError:
+                    raise UpstreamUnavailable(f"provider {self.name} sent a stream event that is not JSON") from None
+                if not isinstance(data, dict):
+                    raise UpstreamUnavailable(f"provider {self.name} sent a stream event that is not an object")
+                err = data.get("error")
+                if isinstance(err, dict):
+                    if out:
+                        yield out  # what came before the error still reaches the client
+                    # Google reports a failure after the headers as an error object in the stream.
+                    code = err.get("code")
+                    raise self.error_from_status(code if isinstance(code, int) else 500, ev.data, None)
+                out.extend(SSEEvent(data=orjson.dumps(chunk)) for chunk in stream.feed(data))
+            if out:
+                yield out
+        final = [SSEEvent(data=orjson.dumps(chunk)) for chunk in stream.finish()]
+        if final:
+            yield final
 
     async def _embed(self, call: Call, model: str) -> JsonReply:
         request = embed_request(call.body, model)

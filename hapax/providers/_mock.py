@@ -21,7 +21,7 @@ import orjson
 
 from .._sse import SSEEvent
 from .._usage import Usage, estimate_prompt_tokens, text_of
-from ._base import Call, JsonReply, Operation, Provider, Reply, StreamReply
+from ._base import Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
 
 
 class MockProvider(Provider):
@@ -51,7 +51,7 @@ class MockProvider(Provider):
         if not call.stream:
             return JsonReply(body=_BUILD[call.op](model, text, tool, usage, call.request_id), usage=usage)
         gen = _STREAM[call.op](model, words, tool, usage, call.request_id, body, s.chunk_delay_ms / 1000)
-        return StreamReply(events=gen, usage=usage)
+        return StreamReply(events=_one_per_batch(gen), usage=usage)
 
     def _reply_text(self, body: dict[str, Any]) -> str:
         s = self.config.mock
@@ -86,6 +86,12 @@ class MockProvider(Provider):
             "model": str(body.get("model", "mock")),
             "usage": {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens},
         }
+
+
+async def _one_per_batch(events: AsyncIterator[SSEEvent]) -> EventBatches:
+    # Each mock event stands for one upstream read, as a paced real stream would arrive.
+    async for ev in events:
+        yield [ev]
 
 
 def _vector(seed: bytes, n: int) -> list[float]:

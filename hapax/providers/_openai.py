@@ -8,14 +8,12 @@ client did not ask for it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 from .._config import ProviderConfig
-from .._sse import SSEEvent
 from .._transport import Transport
 from .._usage import Usage
-from ._base import Call, JsonReply, Operation, Provider, Reply, StreamReply
+from ._base import Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -73,19 +71,23 @@ class OpenAIProvider(Provider):
         reply._close = resp.close
         return reply
 
-    async def _stream(self, resp: Any, usage: Usage, wants_usage: bool) -> AsyncIterator[SSEEvent]:
-        async for ev in self._events(resp):
-            if ev.data == b"[DONE]":
-                continue  # the gateway writes its own terminator
-            if b'"usage"' in ev.data:
-                chunk = ev.json()
-                if isinstance(chunk, dict) and chunk.get("usage"):
-                    usage.take_openai(chunk["usage"])
-                    if not wants_usage and not chunk.get("choices"):
-                        continue
-            yield ev
+    async def _stream(self, resp: Any, usage: Usage, wants_usage: bool) -> EventBatches:
+        async for batch in self._events(resp):
+            out = []
+            for ev in batch:
+                if ev.data == b"[DONE]":
+                    continue  # the gateway writes its own terminator
+                if b'"usage"' in ev.data:
+                    chunk = ev.json()
+                    if isinstance(chunk, dict) and chunk.get("usage"):
+                        usage.take_openai(chunk["usage"])
+                        if not wants_usage and not chunk.get("choices"):
+                            continue
+                out.append(ev)
+            if out:
+                yield out
 
 
-async def _empty() -> AsyncIterator[SSEEvent]:
+async def _empty() -> EventBatches:
     return
     yield  # pragma: no cover
