@@ -3,14 +3,17 @@
 Theory of operation: a request's *key* is a digest of who asks (the caller's
 principal), the public model, the operation and the canonical body (JSON with
 sorted keys), so only byte-for-byte equivalent requests from the same caller
-meet. The first request with a key (the leader) starts the call as its own
-task; requests with the same key that arrive before it finishes (followers)
-await that same task. Everyone gets the whole result, or the same error.
+meet. The first request with a key (the leader) makes the call itself, in its
+own task: a request with no twin, nearly every request, pays only for a dict
+entry and a future, not for a task of its own. Requests with the same key
+that arrive before it finishes (followers) wait on the leader's future.
+Everyone gets the whole result, or the same error.
 
-The call belongs to no single caller: if the leader's client hangs up, the
-call carries on for the followers; it is cancelled only when every caller has
-left. The entry is removed when the call finishes, so a later identical
-request makes a fresh call: this is deduplication, not a cache.
+If the leader's client hangs up, its call is cancelled with it; followers
+still waiting then elect a new leader among themselves, which calls again.
+That costs a second upstream call in a rare case, in exchange for no extra
+task on every request. The entry is removed when the call finishes, so a
+later identical request makes a fresh call: this is deduplication, not a cache.
 
 Only non-streaming calls are merged: a stream is consumed once, and fanning it
 out to late joiners would need buffering the gateway promises not to do.
@@ -26,7 +29,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -48,40 +51,56 @@ class InFlight(ABC):
         """Run ``call`` once per key at a time; returns (result, shared with a leader?)."""
 
 
+class _LeaderLeft(Exception):
+    """The leader's caller left and took its call with it; a follower must lead."""
+
+
 @dataclass(eq=False)
-class _Entry(Generic[T]):
-    task: asyncio.Task[T]
-    waiters: int = 0
+class _Entry:
+    future: asyncio.Future[Any]
+    followers: int = 0
 
 
 class MemoryInFlight(InFlight):
     def __init__(self) -> None:
-        self._entries: dict[str, _Entry[Any]] = {}
+        self._entries: dict[str, _Entry] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
     async def run(self, key: str, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
-        entry = self._entries.get(key)
-        shared = entry is not None
-        if entry is None:
-            task = asyncio.ensure_future(call())
-            entry = self._entries[key] = _Entry(task)
-            task.add_done_callback(self._forgetter(key, entry))
-        entry.waiters += 1
+        while True:
+            entry = self._entries.get(key)
+            if entry is None:
+                return await self._lead(key, call), False
+            entry.followers += 1
+            try:
+                # shield: a follower leaving must not cancel the leader's future.
+                return await asyncio.shield(entry.future), True
+            except _LeaderLeft:
+                continue
+            finally:
+                entry.followers -= 1
+
+    async def _lead(self, key: str, call: Callable[[], Awaitable[T]]) -> T:
+        entry = self._entries[key] = _Entry(asyncio.get_running_loop().create_future())
         try:
-            # shield: one caller leaving must not cancel the call for the others.
-            return await asyncio.shield(entry.task), shared
-        finally:
-            entry.waiters -= 1
-            if entry.waiters == 0 and not entry.task.done():
-                entry.task.cancel()
+            result = await call()
+        except asyncio.CancelledError:
+            self._finish(key, entry, exc=_LeaderLeft())
+            raise
+        except BaseException as exc:
+            self._finish(key, entry, exc=exc)
+            raise
+        self._finish(key, entry, result=result)
+        return result
 
-    def _forgetter(self, key: str, entry: _Entry[Any]) -> Callable[[asyncio.Task[Any]], None]:
-        def forget(task: asyncio.Task[Any]) -> None:
-            if self._entries.get(key) is entry:
-                del self._entries[key]
-            if not task.cancelled():
-                task.exception()  # mark retrieved: the failure reached the callers
-
-        return forget
+    def _finish(self, key: str, entry: _Entry, *, result: Any = None, exc: BaseException | None = None) -> None:
+        if self._entries.get(key) is entry:
+            del self._entries[key]
+        if not entry.followers:
+            return  # nobody to tell; an unretrieved future exception would only be noise
+        if exc is not None:
+            entry.future.set_exception(exc)
+        else:
+            entry.future.set_result(result)

@@ -124,12 +124,33 @@ async def test_dedup_one_call_for_concurrent_identical_requests() -> None:
     assert k != dedup_key("bob", "m", "chat", {"a": [1, 2], "b": 1})
     tasks = [asyncio.create_task(d.run(k, call)) for _ in range(3)]
     await asyncio.sleep(0)
-    tasks[0].cancel()  # the leader's client leaves; the call carries on for the others
+    assert calls == 1  # one leader calls, two followers wait
     release.set()
-    results = await asyncio.gather(*tasks[1:])
-    assert calls == 1 and results == [("answer", True), ("answer", True)]
+    assert await asyncio.gather(*tasks) == [("answer", False), ("answer", True), ("answer", True)]
     assert len(d) == 0
     assert await d.run(k, call) == ("answer", False) and calls == 2  # not a cache
+
+
+async def test_dedup_a_follower_takes_over_when_the_leader_leaves() -> None:
+    d = MemoryInFlight()
+    calls = 0
+    release = asyncio.Event()
+
+    async def call() -> str:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return "answer"
+
+    tasks = [asyncio.create_task(d.run("k", call)) for _ in range(3)]
+    await asyncio.sleep(0)
+    tasks[0].cancel()  # the leader's client leaves and its call goes with it
+    for _ in range(10):  # a few loop turns: cancellation, then the hand-over
+        await asyncio.sleep(0)
+    assert calls == 2  # one follower leads a new call; the other follows it
+    release.set()
+    assert await asyncio.gather(*tasks[1:]) == [("answer", False), ("answer", True)]
+    assert tasks[0].cancelled() and len(d) == 0
 
 
 async def test_dedup_cancels_the_call_when_everyone_left_and_shares_errors() -> None:
