@@ -8,9 +8,11 @@ first (``hapax._budget``), then rate limits (``hapax._ratelimit``); if the
 second refuses, the first is released. Both are synchronous with no ``await``
 between check and reserve, so admission is atomic on the event loop.
 ``admit`` returns an ``Admission`` whose headers (``x-ratelimit-*``) go on
-the response. ``settle`` is called exactly once when the call ends, however
-it ends, with the real usage: it prices the call, corrects the token
-buckets, moves the budget reservation to spent, and adds a usage row.
+the response; it also leaves them on the ``Exchange``, refusals included, so
+a 429 or a later error carries them as a success does (not on the exception:
+deduplicated callers share one). ``settle`` is called exactly once when the
+call ends, however it ends, with the real usage: it prices the call, corrects
+the token buckets, moves the budget reservation to spent, and adds a usage row.
 
 Auth modes: ``none`` (everyone is the anonymous principal; only global
 limits apply; the admin API still needs the bootstrap admin key) and
@@ -294,6 +296,31 @@ class AccessControl:
             details={"reason": reason, "path": ex.path},
         )
 
+    # -- authorization -----------------------------------------------------------------
+
+    def authorize(self, req: Request, ex: Exchange, permission: Permission) -> Principal:
+        """Gate an operator view outside ``/admin`` (``GET /v1/health/providers``) by role.
+
+        With ``auth.mode: none`` it stays open like the rest of the demo; with keys,
+        no credential is 401 and a role without ``permission`` is 403.
+        """
+        if self.config.auth.mode == "none":
+            return ANONYMOUS
+        who = self.identify(req, ex)
+        ex.principal = who.id
+        self.require(who, permission, ex, method=req.method, path=req.path)
+        return who
+
+    def require(self, who: Principal, permission: Permission, ex: Exchange, *, method: str, path: str) -> None:
+        """403 (and an ``admin.denied`` audit event) unless ``who``'s role holds ``permission``."""
+        if allowed(who.role, permission):
+            return
+        self.audit.record(
+            "admin.denied", actor=who.id, remote=ex.remote, request_id=ex.request_id, target=None,
+            details={"method": method, "path": path, "needs": permission.value},
+        )
+        raise PermissionDenied(f"role '{who.role}' lacks the '{permission.value}' permission")
+
     # -- admission ---------------------------------------------------------------------
 
     async def admit(
@@ -337,6 +364,9 @@ class AccessControl:
         if budget_scopes:
             b = self.budgets.reserve(tuple(budget_scopes), est_tokens, est_usd, now=now)
             if isinstance(b, BudgetDenied):
+                if rate_scopes:
+                    # Refused before the rate limits were asked: report them as they stand.
+                    ex.ratelimit_headers = self.limiter.headers(tuple(rate_scopes), now=self._mono())
                 self._budget_refused(b, principal, ex, now)
             bgrant = b
         rgrant: RateGrant | None = None
@@ -345,8 +375,10 @@ class AccessControl:
             if isinstance(r, RateDenied):
                 if bgrant is not None:
                     self.budgets.release(bgrant)
+                ex.ratelimit_headers = r.headers
                 self._rate_refused(r)
             rgrant = r
+            ex.ratelimit_headers = r.headers
         if principal.is_key:
             self.keys.touch(principal.id, now)
         return Admission(

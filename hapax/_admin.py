@@ -24,12 +24,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._access_config import Budget, RateLimits
-from ._errors import BadRequest, InvalidField, InvalidJSON, MethodNotAllowed, NotFound, PermissionDenied
+from ._errors import BadRequest, InvalidField, InvalidJSON, MethodNotAllowed, NotFound
 from ._exchange import Exchange
 from ._http import Request, Response
 from ._keys import KeyRecord, Role, hash_secret, hint_of, mint_secret, new_key_id
@@ -231,7 +232,19 @@ def show_config(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _
     for p in doc.get("providers", {}).values():
         # Extra upstream headers often carry credentials too.
         p["headers"] = {k: "**********" for k in p.get("headers", {})}
+        if p.get("base_url"):
+            p["base_url"] = _redact_url(p["base_url"])
     return _json(200, doc)
+
+
+def _redact_url(url: str) -> str:
+    """``url`` without userinfo or query values: proxies take ``user:pass@`` and ``?key=`` credentials."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "**********@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{k}=**********" for k, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def cluster(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
@@ -277,9 +290,8 @@ def handle(ac: AccessControl, req: Request, ex: Exchange) -> Response | None:
         if m != method:
             continue
         assert match is not None
-        if perm is not None and perm not in ROLE_PERMISSIONS.get(who.role, frozenset()):
-            _audit(ac, "admin.denied", ex, who, None, method=req.method, path=path, needs=perm.value)
-            raise PermissionDenied(f"role '{who.role}' lacks the '{perm.value}' permission")
+        if perm is not None:
+            ac.require(who, perm, ex, method=req.method, path=path)
         _audit(ac, "admin.request", ex, who, None, method=req.method, path=path)
         return fn(ac, req, ex, who, match.group(1) if match.groups() else "")
     allowed = sorted({m for m, *_ in matches})

@@ -239,8 +239,22 @@ def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Co
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}") from None
+        raise ConfigError(f"invalid YAML: {_yaml_problem(exc)}") from None
     return parse_config(data, env=env)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's quote of the offending line.
+
+    That quote goes to the log (a rejected reload) and may hold a literal api_key.
+    """
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    what = " ".join(p for p in (exc.context, exc.problem) if p) or "syntax error"
+    mark = exc.problem_mark or exc.context_mark
+    if mark is not None:
+        what += f" (line {mark.line + 1}, column {mark.column + 1})"
+    return what
 
 
 def default_config() -> Config:

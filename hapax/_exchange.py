@@ -40,3 +40,6 @@ class Exchange:
     team: str = ""
     #: US dollars this call cost, once settled.
     cost_usd: float | None = None
+    #: The caller's ``x-ratelimit-*`` headers once admission looked at its limits: they go
+    #: on the answer whatever it is (a 429 included), as OpenAI sends them.
+    ratelimit_headers: dict[str, str] | None = None

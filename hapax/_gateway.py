@@ -39,6 +39,7 @@ from ._errors import (
 from ._exchange import Exchange
 from ._http import Request, Response
 from ._metrics import GatewayMetrics
+from ._roles import Permission
 from ._runtime import Runtime, TransportFactory
 from ._sse import SSEEvent, encode
 from ._translate import StreamTranslator
@@ -266,7 +267,9 @@ class Gateway:
         if path == "/health/ready":
             return self._ready()
         if path == "/v1/health/providers":
-            # Operators' view of every deployment (issue [2]); access control gates it by role.
+            # Operators' view of every deployment (upstream errors, load): with auth.mode keys
+            # it needs "view cluster", like /admin/cluster; with none it stays open.
+            self.access.authorize(req, ex, Permission.VIEW_CLUSTER)
             return _json(200, self.dispatcher.snapshot(self.runtime))
         if path == "/metrics":
             return Response(
@@ -314,6 +317,8 @@ class Gateway:
     def _error(self, ex: Exchange, exc: HapaxError) -> Response:
         ex.error = exc
         headers = {"content-type": _JSON}
+        if ex.ratelimit_headers:
+            headers.update(ex.ratelimit_headers)
         if exc.retry_after is not None:
             headers["retry-after"] = str(max(1, round(exc.retry_after)))
         return Response(exc.status, headers, _error_body(exc, ex.request_id, ex.anthropic))
@@ -497,7 +502,7 @@ def _priority(header: str | None, principal: Principal) -> int:
 def _route_name(path: str) -> str:
     if path.startswith("/v1/models"):
         return "models"
-    if path.startswith("/health/"):
+    if path.startswith(("/health/", "/v1/health/")):
         return "health"
     if path == "/metrics":
         return "metrics"

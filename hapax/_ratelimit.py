@@ -100,6 +100,8 @@ class RateDenied:
     limit: str
     limit_value: int
     retry_after: float
+    #: The ``x-ratelimit-*`` headers as the buckets stand: a refusal reports them too.
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -135,38 +137,54 @@ class RateLimiter:
         for s in scopes:
             lim = s.limits
             if lim.concurrent is not None and self.in_flight(s) >= lim.concurrent:
-                return RateDenied(s, "concurrent", lim.concurrent, 1.0)
+                return RateDenied(s, "concurrent", lim.concurrent, 1.0, self.headers(scopes, now=now))
             if lim.requests_per_minute is not None:
                 b = self._bucket(s, "req", lim.requests_per_minute, lim.request_burst, now)
                 w = b.wait(1, now=now)
                 if w > 0:
-                    return RateDenied(s, "requests_per_minute", lim.requests_per_minute, w)
+                    return RateDenied(
+                        s, "requests_per_minute", lim.requests_per_minute, w, self.headers(scopes, now=now)
+                    )
             if lim.tokens_per_minute is not None:
                 b = self._bucket(s, "tok", lim.tokens_per_minute, None, now)
                 w = b.wait(tokens, now=now)
                 if w > 0:
-                    return RateDenied(s, "tokens_per_minute", lim.tokens_per_minute, w)
-        headers: dict[str, str] = {}
-        req_best: tuple[float, int, float] | None = None
-        tok_best: tuple[float, int, float] | None = None
+                    return RateDenied(
+                        s, "tokens_per_minute", lim.tokens_per_minute, w, self.headers(scopes, now=now)
+                    )
         for s in scopes:
             lim = s.limits
             if lim.concurrent is not None:
                 k = (s.kind, s.id)
                 self._in_flight[k] = self._in_flight.get(k, 0) + 1
             if lim.requests_per_minute is not None:
-                b = self._buckets[(s.kind, s.id, "req")]
-                b.take(1, now=now)
-                cand = (b.level, lim.requests_per_minute, b.reset_in(now=now))
+                self._buckets[(s.kind, s.id, "req")].take(1, now=now)
+            if lim.tokens_per_minute is not None:
+                self._buckets[(s.kind, s.id, "tok")].take(tokens, now=now)
+        return RateGrant(scopes, tokens, self.headers(scopes, now=now))
+
+    def headers(self, scopes: tuple[Scope, ...], *, now: float) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*`` headers for ``scopes`` as they stand, taking nothing.
+
+        Like OpenAI, report the tightest limit (the one a client will hit first).
+        The same headers go on a success, a 429 and a quota refusal, so a client
+        can pace itself from any answer.
+        """
+        req_best: tuple[float, int, float] | None = None
+        tok_best: tuple[float, int, float] | None = None
+        for s in scopes:
+            lim = s.limits
+            if lim.requests_per_minute is not None:
+                b = self._bucket(s, "req", lim.requests_per_minute, lim.request_burst, now)
+                cand = (b.available(now=now), lim.requests_per_minute, b.reset_in(now=now))
                 if req_best is None or cand[0] < req_best[0]:
                     req_best = cand
             if lim.tokens_per_minute is not None:
-                b = self._buckets[(s.kind, s.id, "tok")]
-                b.take(tokens, now=now)
-                cand = (b.level, lim.tokens_per_minute, b.reset_in(now=now))
+                b = self._bucket(s, "tok", lim.tokens_per_minute, None, now)
+                cand = (b.available(now=now), lim.tokens_per_minute, b.reset_in(now=now))
                 if tok_best is None or cand[0] < tok_best[0]:
                     tok_best = cand
-        # Like OpenAI, report the tightest limit: the one a client will hit first.
+        headers: dict[str, str] = {}
         if req_best is not None:
             headers["x-ratelimit-limit-requests"] = str(req_best[1])
             headers["x-ratelimit-remaining-requests"] = str(max(0, math.floor(req_best[0])))
@@ -175,7 +193,7 @@ class RateLimiter:
             headers["x-ratelimit-limit-tokens"] = str(tok_best[1])
             headers["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(tok_best[0])))
             headers["x-ratelimit-reset-tokens"] = format_duration(tok_best[2])
-        return RateGrant(scopes, tokens, headers)
+        return headers
 
     def settle(self, grant: RateGrant, actual_tokens: int, *, now: float) -> None:
         if grant.settled:

@@ -9,6 +9,7 @@ must see what reached the provider.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -76,6 +78,16 @@ async def burst(
             return await c.post("/v1/chat/completions", headers={"authorization": f"Bearer {keys[i % len(keys)]}"},
                                 json={"model": model, "messages": MSG, **body})
         return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), 30)
+
+
+def settled_usage(gw: GatewayProcess, query: str, requests: int) -> list[dict[str, Any]]:
+    """``/admin/usage`` rows once ``requests`` calls are in them: a stream settles just after its last byte."""
+    deadline = time.monotonic() + 10
+    while True:
+        body = admin(gw, "GET", "/admin/usage?" + query).json()
+        if body["totals"]["requests"] >= requests or time.monotonic() > deadline:
+            return list(body["data"])
+        time.sleep(0.05)
 
 
 def statuses(rs: list[httpx.Response]) -> dict[int, int]:
@@ -205,6 +217,8 @@ def test_role_matrix_through_http(gateway: Callable[..., GatewayProcess]) -> Non
         (Permission.MANAGE_KEYS, lambda k: admin(gw, "POST", f"/admin/keys/{target}/rotate", key=k)),
         (Permission.MANAGE_CONFIG, lambda k: admin(gw, "GET", "/admin/config", key=k)),
         (Permission.VIEW_CLUSTER, lambda k: admin(gw, "GET", "/admin/cluster", key=k)),
+        # Outside /admin but an operator's view all the same: upstream errors, load, breakers.
+        (Permission.VIEW_CLUSTER, lambda k: admin(gw, "GET", "/v1/health/providers", key=k)),
     ]
     for role, key in keys.items():
         for perm, probe in probes:
@@ -219,8 +233,17 @@ def test_role_matrix_through_http(gateway: Callable[..., GatewayProcess]) -> Non
     # Revoke last, with the admin key, then nobody can use it.
     assert admin(gw, "DELETE", f"/admin/keys/{target}", key=keys["operator"]).status_code == 403
     assert admin(gw, "DELETE", f"/admin/keys/{target}", key=keys["admin"]).status_code == 200
-    # No credential at all is 401 on the admin API, whatever the route.
+    # No credential at all is 401 on the admin API, whatever the route, and on the health view.
     assert httpx.get(gw.url + "/admin/keys", timeout=10).status_code == 401
+    for headers in ({}, {"authorization": "Bearer hpx_" + "n" * 43}, {"x-api-key": "nope"}):
+        r = httpx.get(gw.url + "/v1/health/providers", headers=headers, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+    health = admin(gw, "GET", "/v1/health/providers", key=keys["viewer"]).json()
+    assert {d["deployment"] for d in health["deployments"]} == {"mock/demo", "mock/other", "slow/slow"}
+    assert admin(gw, "GET", "/v1/health/providers").status_code == 200  # the bootstrap admin key
+    denied = [e for e in audit_events(gw) if e["event"] == "admin.denied" and
+              e["details"]["path"] == "/v1/health/providers"]
+    assert {e["details"]["needs"] for e in denied} == {"view_cluster"} and len(denied) == 1  # the developer
     # The redacted config never shows the admin key.
     assert ADMIN_KEY not in admin(gw, "GET", "/admin/config").text
 
@@ -247,6 +270,9 @@ def test_auth_none_warns_and_admin_still_needs_the_admin_key(gateway: Callable[.
     gw = gateway(cfg, env=ENV)
     assert chat(gw, None).status_code == 200
     assert "AUTH IS OFF" in gw.logs()
+    # The operators' health view stays open with auth off, like the rest of the demo.
+    health = httpx.get(gw.url + "/v1/health/providers", timeout=10)
+    assert health.status_code == 200 and "deployments" in health.json()
     assert httpx.get(gw.url + "/admin/keys", timeout=10).status_code == 401
     assert admin(gw, "GET", "/admin/keys").status_code == 200
 
@@ -313,6 +339,56 @@ def test_token_and_concurrency_limits(gateway: Callable[..., GatewayProcess]) ->
     assert chat(gw, kcon, model="slow").status_code == 200  # slots came back
 
 
+def test_refused_and_failed_answers_carry_ratelimit_headers(gateway: Callable[..., GatewayProcess]) -> None:
+    cfg = config()
+    cfg["providers"]["broken"] = {"type": "mock", "mock": {"failure_rate": 1.0}}
+    cfg["models"].append({"name": "broken", "provider": "broken"})
+    gw = gateway(cfg, env=ENV)
+    limits = {"requests_per_minute": 60, "request_burst": 2, "tokens_per_minute": 1000}
+    key, _ = make_key(gw, name="paced", limits=limits)
+
+    # Each call reserves 5 + 10 tokens and really uses 5 + 1.
+    assert chat(gw, key, max_tokens=10).status_code == 200
+    assert chat(gw, key, max_tokens=10).status_code == 200
+    limited = chat(gw, key, max_tokens=10)
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limit_exceeded"
+    h = limited.headers
+    assert int(h["retry-after"]) >= 1
+    assert h["x-ratelimit-limit-requests"] == "60" and h["x-ratelimit-remaining-requests"] == "0"
+    assert re.fullmatch(r"\d+(ms|s)", h["x-ratelimit-reset-requests"])
+    assert h["x-ratelimit-limit-tokens"] == "1000"
+    # Nothing was taken for the refused call: 1000 less the two calls' 6 tokens each (plus refill).
+    assert 988 <= int(h["x-ratelimit-remaining-tokens"]) <= 1000
+    assert "x-ratelimit-reset-tokens" in h
+
+    # A quota refusal carries them too, with Retry-After at the end of the day.
+    quota, _ = make_key(gw, name="quota", limits=limits, budget={"daily_tokens": 20})
+    assert chat(gw, quota, max_tokens=10).status_code == 200  # 6 spent, then 6 + 15 > 20
+    refused = chat(gw, quota, max_tokens=10)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    h = refused.headers
+    assert 1 <= int(h["retry-after"]) <= 86400
+    assert h["x-ratelimit-limit-requests"] == "60" and h["x-ratelimit-remaining-requests"] == "1"
+    assert h["x-ratelimit-limit-tokens"] == "1000" and "x-ratelimit-reset-tokens" in h
+
+    # Concurrency refusals and upstream failures after admission report the buckets as well.
+    busy, _ = make_key(gw, name="busy", limits={"concurrent": 1, "requests_per_minute": 600})
+
+    async def two_slow() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=15) as c:
+            calls = [c.post("/v1/chat/completions", headers={"authorization": f"Bearer {busy}"},
+                            json={"model": "slow", "messages": MSG}) for _ in range(2)]
+            return await asyncio.wait_for(asyncio.gather(*calls), 30)
+
+    rs = asyncio.run(two_slow())
+    assert statuses(rs) == {200: 1, 429: 1}
+    over = next(r for r in rs if r.status_code == 429)
+    assert over.json()["error"]["code"] == "concurrency_limit_exceeded"
+    assert over.headers["x-ratelimit-limit-requests"] == "600" and "retry-after" in over.headers
+    failed = chat(gw, busy, model="broken")
+    assert failed.status_code == 502 and failed.headers["x-ratelimit-limit-requests"] == "600"
+
+
 # -- budgets, cost, usage ------------------------------------------------------------------
 
 
@@ -368,17 +444,144 @@ def test_budgets_hold_under_concurrency_and_usage_adds_up(gateway: Callable[...,
     assert chat(gw, b1, max_tokens=2).status_code == 429
 
 
+def test_cost_header_and_streamed_cost_follow_the_price_table(gateway: Callable[..., GatewayProcess]) -> None:
+    cfg = config()
+    cfg["providers"]["words"] = {"type": "mock", "mock": {"reply": "one two three four five"}}
+    cfg["models"] += [{"name": "priced", "provider": "words"}, {"name": "unpriced", "provider": "words"}]
+    # A configured override; at these prices every token count has an exact 8-decimal cost.
+    cfg["pricing"]["priced"] = {"input": 1500.0, "output": 7000.0}
+    gw = gateway(cfg, env=ENV)
+    secret, key_id = make_key(gw, name="costs")
+    msgs: Any = MSG
+
+    def price(prompt: int, completion: int) -> float:
+        return (prompt * 1500 + completion * 7000) / 1_000_000
+
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key=secret, max_retries=0, timeout=20) as client:
+        raw = client.chat.completions.with_raw_response.create(model="priced", messages=msgs)
+        usage = raw.parse().usage
+        assert usage is not None and usage.completion_tokens == 5
+        assert raw.headers["x-hapax-cost-usd"] == f"{price(usage.prompt_tokens, usage.completion_tokens):.8f}"
+        # A model the table does not know costs 0, and still says so.
+        free = client.chat.completions.with_raw_response.create(model="unpriced", messages=msgs)
+        assert free.headers["x-hapax-cost-usd"] == "0.00000000"
+
+        streamer, streamer_id = make_key(gw, name="streamer")
+        with openai.OpenAI(base_url=gw.url + "/v1", api_key=streamer, max_retries=0, timeout=20) as sc:
+            chunks = list(sc.chat.completions.create(
+                model="priced", messages=msgs, stream=True, stream_options={"include_usage": True},
+            ))
+    reported = chunks[-1].usage
+    assert reported is not None and reported.completion_tokens == 5
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three four five"
+
+    rows = settled_usage(gw, f"key={streamer_id}", 1)
+    assert len(rows) == 1 and rows[0]["model"] == "priced" and rows[0]["requests"] == 1
+    assert rows[0]["prompt_tokens"] == reported.prompt_tokens
+    assert rows[0]["completion_tokens"] == reported.completion_tokens
+    assert rows[0]["cost_usd"] == pytest.approx(price(reported.prompt_tokens, reported.completion_tokens), abs=1e-12)
+    assert rows[0]["cost_usd"] > 0
+    mine = admin(gw, "GET", f"/admin/usage?key={key_id}&model=unpriced").json()
+    assert mine["totals"]["requests"] == 1 and mine["totals"]["cost_usd"] == 0
+
+
+def test_anthropic_sdk_with_api_keys(gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway(config(), env=ENV)
+    secret, key_id = make_key(gw, name="claude-user", models=["demo"])
+    user: Any = [{"role": "user", "content": "hi"}]
+
+    # The anthropic SDK sends its key as x-api-key.
+    with anthropic.Anthropic(base_url=gw.url, api_key=secret, max_retries=0, timeout=20) as ac:
+        msg = ac.messages.create(model="demo", max_tokens=16, messages=user)
+        assert msg.content[0].type == "text" and msg.content[0].text == "ok"
+        with ac.messages.stream(model="demo", max_tokens=16, messages=user) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        assert text == "ok" and final.stop_reason == "end_turn"
+
+        with pytest.raises(anthropic.PermissionDeniedError) as denied:
+            ac.messages.create(model="other", max_tokens=16, messages=user)
+        body: Any = denied.value.body
+        assert denied.value.status_code == 403
+        assert body["type"] == "error" and body["error"]["type"] == "permission_error"
+        assert "other" in body["error"]["message"] and body["request_id"].startswith("req_")
+
+    with pytest.raises(anthropic.AuthenticationError) as bad, anthropic.Anthropic(
+        base_url=gw.url, api_key="hpx_" + "q" * 43, max_retries=0, timeout=20
+    ) as wrong:
+        wrong.messages.create(model="demo", max_tokens=16, messages=user)
+    body = bad.value.body
+    assert body["type"] == "error" and body["error"] == {"type": "authentication_error",
+                                                         "message": "invalid API key"}
+    # No key at all: the SDK must be told to send none.
+    no_auth: Any = {"Authorization": anthropic.Omit()}
+    with pytest.raises(anthropic.AuthenticationError) as missing, anthropic.Anthropic(
+        base_url=gw.url, api_key=None, default_headers=no_auth, max_retries=0, timeout=20
+    ) as nokey:
+        nokey.messages.create(model="demo", max_tokens=16, messages=user)
+    body = missing.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
+    assert "x-api-key" in body["error"]["message"]
+
+    # Limits answer in Anthropic's shape too, with the rate-limit headers.
+    paced, _ = make_key(gw, name="paced", limits={"requests_per_minute": 60, "request_burst": 1})
+    with anthropic.Anthropic(base_url=gw.url, api_key=paced, max_retries=0, timeout=20) as pc:
+        pc.messages.create(model="demo", max_tokens=16, messages=user)
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            pc.messages.create(model="demo", max_tokens=16, messages=user)
+    assert limited.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(limited.value.response.headers["retry-after"]) >= 1
+    assert limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+
+    # Both calls were counted and charged from the tokens they reported ($1000 / $2000 per 1M).
+    rows = settled_usage(gw, f"key={key_id}", 2)
+    assert len(rows) == 1 and rows[0]["requests"] == 2 and rows[0]["errors"] == 0
+    prompt = msg.usage.input_tokens + final.usage.input_tokens
+    completion = msg.usage.output_tokens + final.usage.output_tokens
+    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (prompt, completion)
+    assert rows[0]["cost_usd"] == pytest.approx((prompt * 1000 + completion * 2000) / 1_000_000, abs=1e-12)
+
+
 # -- audit and hygiene ---------------------------------------------------------------------
 
 
 def test_audit_log_complete_and_verifiable_and_secrets_never_logged(
-    gateway: Callable[..., GatewayProcess],
+    gateway: Callable[..., GatewayProcess], openai_upstream: tuple[UpstreamServer, UpstreamState]
 ) -> None:
     prompt = "my-private-prompt-text-9f3a"
+    upstream_key, header_secret = "sk-upstream-key-" + "u" * 24, "org-header-secret-" + "h" * 16
+    yaml_secret = "sk-yaml-" + "y" * 16  # short: PyYAML's quote of a line is cut to ~36 characters each side
     cfg = config(teams={"alpha": {"budget": {"daily_tokens": 14}}},
                  server={"cors": {"enabled": True, "allow_origins": ["*"]}})
+    server, state = openai_upstream
+    cfg["providers"]["up"] = {"type": "openai", "base_url": server.url + "/v1", "api_key": upstream_key,
+                              "headers": {"openai-organization": header_secret}}
+    cfg["models"].append({"name": "gpt-4o-mini", "provider": "up"})
     gw = gateway(cfg, env=ENV)
     secret, key_id = make_key(gw, name="svc", team="alpha")
+
+    # Providers that quote the gateway's own credential back: none of it reaches the caller.
+    caller, _ = make_key(gw, name="caller")
+    state.always = {"status": 401, "message": f"Incorrect API key provided: {upstream_key}"}
+    refused = chat(gw, caller, model="gpt-4o-mini")
+    assert refused.status_code == 502 and refused.json()["error"]["code"] == "upstream_auth_failed"
+    state.always = {"status": 400, "message": f"bad headers: {header_secret} {upstream_key}"}
+    bad = chat(gw, caller, model="gpt-4o-mini")
+    assert bad.status_code == 400 and "[redacted]" in bad.json()["error"]["message"]
+    state.always = None
+    health = admin(gw, "GET", "/v1/health/providers").text
+    shown = admin(gw, "GET", "/admin/config").text
+    for text in (refused.text, bad.text, health, shown):
+        assert upstream_key not in text and header_secret not in text and ADMIN_KEY not in text
+    assert "sk-upstream-key" not in refused.text  # not even a masked prefix of it
+
+    # A reload rejected for bad YAML names the line, but does not quote it.
+    good = gw.config_path.read_text()
+    gw.config_path.write_text(good + f"k: {yaml_secret}: x\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "config reload rejected" not in gw.logs():
+        time.sleep(0.1)
+    assert "invalid YAML" in gw.logs()
     viewer, _ = make_key(gw, name="view", role="viewer")
     assert httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {secret}"}, timeout=10,
                       json={"model": "demo", "messages": [{"role": "user", "content": prompt}],
@@ -433,7 +636,8 @@ def test_audit_log_complete_and_verifiable_and_secrets_never_logged(
     texts = {"log": gw.logs(), "metrics": metrics,
              "state": "\n".join(p.read_text() for p in state.rglob("*") if p.is_file())}
     for where, text in texts.items():
-        for needle in (secret, rotated, viewer, ADMIN_KEY, prompt, "hpx_wrong_"):
+        for needle in (secret, rotated, viewer, caller, ADMIN_KEY, prompt, "hpx_wrong_", upstream_key,
+                       header_secret, yaml_secret):
             assert needle not in text, f"{needle[:12]}... leaked into {where}"
     assert key_id in texts["log"]  # the access log names the caller by key id
 

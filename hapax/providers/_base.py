@@ -54,6 +54,9 @@ PROBES: dict[str, tuple[str, str]] = {
     "anthropic": ("https://api.anthropic.com", "/v1/models"),
     "gemini": ("https://generativelanguage.googleapis.com", "/v1beta/models"),
 }
+#: Extra upstream header values shorter than this are not treated as secrets when
+#: redacting error messages: "2023-06-01" or "true" would blank out ordinary words.
+_MIN_SECRET_CHARS = 12
 #: A generally available Azure OpenAI API version, for probes when none is configured.
 _PROBE_AZURE_API_VERSION = "2024-10-21"
 
@@ -223,7 +226,14 @@ class Provider(ABC):
             resp.close()
 
     def error_message(self, raw: bytes) -> str:
-        """Pull the provider's own message out of its error body (OpenAI/Anthropic shapes)."""
+        """Pull the provider's own message out of its error body (OpenAI/Anthropic shapes).
+
+        The message reaches the client, the logs and ``/v1/health/providers``, so any
+        of the provider's own credentials it echoes are cut out first.
+        """
+        return self.redact(self._raw_error_message(raw))
+
+    def _raw_error_message(self, raw: bytes) -> str:
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -237,14 +247,29 @@ class Provider(ABC):
             return str(data["message"])
         return raw[:200].decode("utf-8", "replace")
 
+    def redact(self, text: str) -> str:
+        """``text`` without the provider's api_key or extra header values (some upstreams echo them)."""
+        secrets = [v for v in self.config.headers.values() if len(v) >= _MIN_SECRET_CHARS]
+        if self.config.api_key is not None:
+            secrets.append(self.config.api_key.get_secret_value())
+        for secret in sorted(secrets, key=len, reverse=True):
+            if secret:
+                text = text.replace(secret, "[redacted]")
+        return text
+
     def error_from_status(self, status: int, raw: bytes, retry_after: str | None) -> UpstreamError:
+        if status in (401, 403):
+            # The gateway's credential for the provider is wrong: not the caller's fault, and
+            # none of the caller's business. Providers' messages here quote the key (OpenAI:
+            # "Incorrect API key provided: sk-proj-****abcd"), so none of it is passed on.
+            return UpstreamUnavailable(
+                f"provider {self.name} refused the gateway's credentials ({status}); check its api_key",
+                code="upstream_auth_failed",
+            )
         detail = self.error_message(raw)
         msg = f"provider {self.name} returned {status}: {detail}"
         if status == 429:
             return UpstreamRateLimited(msg, retry_after=parse_retry_after(retry_after))
-        if status in (401, 403):
-            # The gateway's credential for the provider is wrong: not the caller's fault.
-            return UpstreamUnavailable(msg, code="upstream_auth_failed")
         if status == 408:
             return UpstreamTimeout(msg)
         if 400 <= status < 500:

@@ -7,6 +7,7 @@ Errors use OpenAI's error body. ``state.faults`` scripts misbehaviour:
 
     {"status": 500}                      an error status with OpenAI's error body
     {"status": 429, "retry_after": 2}    rate limited, with Retry-After
+    {"status": 401, "message": "..."}    an error whose message says something in particular
     {"hang": 5}                          sleep before answering
     {"reset": True}                      close the connection without a response
     {"truncate_stream_after": 2}         stream N chunks, then cut the connection
@@ -69,7 +70,7 @@ async def _apply_fault(request: web.Request, state: UpstreamState) -> web.Stream
         headers = {"content-type": "application/json"}
         if "retry_after" in fault:
             headers["retry-after"] = str(fault["retry_after"])
-        return web.Response(status=fault["status"], body=error_body(fault["status"], "scripted"),
+        return web.Response(status=fault["status"], body=error_body(fault["status"], fault.get("message", "scripted")),
                             headers=headers)
     if fault.get("malformed"):
         return web.Response(status=200, body=b"<html>oops", content_type="text/html")
