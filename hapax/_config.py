@@ -76,7 +76,8 @@ class ProviderConfig(_Model):
         if self.type == "azure-openai" and not self.base_url:
             raise ValueError("azure-openai needs base_url (https://NAME.openai.azure.com)")
         if self.base_url and not re.match(r"^https?://[^\s/]+", self.base_url):
-            raise ValueError(f"base_url must be an http(s) URL, got {self.base_url!r}")
+            # The value is not echoed: a key pasted into the wrong field must not reach a log.
+            raise ValueError("base_url must be an http(s) URL such as https://api.example.com/v1")
         return self
 
 
