@@ -24,6 +24,8 @@ from hapax import (
 )
 from hapax._config import ProviderConfig, Timeouts
 
+from .http1 import Http1Transport
+
 #: Keep idle upstream connections a while: providers are called constantly.
 KEEPALIVE_SECONDS = 60.0
 
@@ -142,4 +144,4 @@ class AiohttpTransport(Transport):
 
 
 def transport_factory(name: str, config: ProviderConfig) -> Transport:
-    return AiohttpTransport(config)
+    return Http1Transport(config)
