@@ -29,18 +29,18 @@ moved it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from ._files import locked
 
 GENESIS = "0" * 64
 LIVE = "audit.jsonl"
@@ -105,15 +105,8 @@ class FileAudit(Audit):
             self._sync_tail()
             self._expire(time.time())
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self.dir / ".audit.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked(self.dir / ".audit.lock")
 
     def _stat(self) -> tuple[int, int] | None:
         try:

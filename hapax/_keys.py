@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import os
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +37,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._access_config import Budget, RateLimits
+from ._files import atomic_write, locked
 
 KEY_PREFIX = "hpx_"
 #: 256 bits: brute force is out of reach, so a plain SHA-256 is a safe stored form.
@@ -211,15 +210,8 @@ class FileKeyStore(MemoryKeyStore):
         self._load(records)
         self._stamp = stamp
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked(self._lock_path)
 
     def _write(self) -> None:
         data = {"version": 1, "keys": [r.model_dump(mode="json") for r in self.all()]}
@@ -252,22 +244,3 @@ class FileKeyStore(MemoryKeyStore):
             self._refresh()
             self._dirty_use = False
             self._write()
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

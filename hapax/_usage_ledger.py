@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from ._budget import day_of
-from ._keys import atomic_write
+from ._files import atomic_write
 
 ROW_FIELDS = (
     "day", "key", "team", "model", "requests", "errors",

@@ -12,18 +12,12 @@ from typing import ClassVar
 from urllib.parse import quote, urlencode
 
 from ._base import Operation
-from ._openai import OpenAIProvider
+from ._openai import _PATHS, OpenAIProvider
 
 #: The newest GA (non-preview) data-plane inference version with deployment URLs.
 #: It is the first GA one that honours ``stream_options.include_usage``, which the
 #: OpenAI adapter relies on to count streamed tokens.
 DEFAULT_API_VERSION = "2024-10-21"
-
-_PATHS = {
-    Operation.CHAT: "/chat/completions",
-    Operation.COMPLETIONS: "/completions",
-    Operation.EMBEDDINGS: "/embeddings",
-}
 
 
 class AzureOpenAIProvider(OpenAIProvider):
