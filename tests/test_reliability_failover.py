@@ -220,6 +220,16 @@ def test_round_robin_spreads_and_skips_a_failing_deployment(
     assert {_text(chat(gw.url, f"r{i}")) for i in range(4)} == {"from b"}
 
 
+def test_weighted_splits_traffic_by_weight(gateway: Callable[..., GatewayProcess], ab: Ups) -> None:
+    cfg = _config(ab, strategy="weighted")
+    deps = cfg["models"][0]["deployments"]
+    deps[0]["weight"], deps[1]["weight"] = 3, 1
+    gw = gateway(cfg)
+    picks = [_text(chat(gw.url, f"w{i}", headers={"x-hapax-dedup": "off"})) for i in range(200)]
+    # Binomial(200, 0.75): mean 150, sd 6.1; the bounds are five sd either side.
+    assert 120 <= picks.count("from a") <= 180, picks.count("from a")
+
+
 def test_latency_strategy_settles_on_the_faster_deployment(gateway: Callable[..., GatewayProcess], ab: Ups) -> None:
     (_, a), (_, b) = ab
     gw = gateway(_config(ab, strategy="latency"))
