@@ -13,9 +13,14 @@ from ._openai import OpenAIProvider
 
 __all__ = [
     "PROVIDER_TYPES",
+    "AnthropicProvider",
+    "AzureOpenAIProvider",
     "Call",
     "EventBatches",
+    "GeminiProvider",
     "JsonReply",
+    "MockProvider",
+    "OpenAIProvider",
     "Operation",
     "Provider",
     "Reply",
