@@ -56,7 +56,6 @@ from ._errors import (
     NoHealthyUpstream,
     UpstreamError,
     UpstreamRateLimited,
-    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from ._exchange import Exchange
@@ -328,16 +327,12 @@ class Dispatcher:
         t0 = time.perf_counter()
         ok = False
         try:
-            budget = plan.remaining(now=self._clock())
-            try:
-                async with asyncio.timeout(budget):
-                    reply = await provider.send(call)
-                    if isinstance(reply, StreamReply):
-                        await _peek(reply, provider.name)
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"no answer from {c.key} within the request's retry deadline", code="deadline_exceeded"
-                ) from None
+            # No timer of our own: the provider's timeouts (connect, first byte, idle, total)
+            # bound an attempt; the plan's deadline only stops new attempts and waits. So a
+            # long non-streamed generation is not cut at the retry deadline.
+            reply = await provider.send(call)
+            if isinstance(reply, StreamReply):
+                await _peek(reply, provider.name)
             ok = True
         finally:
             if not ok:

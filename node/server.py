@@ -56,7 +56,7 @@ class FrontDoor:
             headers=request.headers,
             body=body,
             remote=request.remote or "",
-            query=request.query,
+            query=request.query if request.query_string else {},  # parsing costs; most have none
         )
         resp = await self.gateway.handle(req, reject=reject)
         if resp.stream is None:
