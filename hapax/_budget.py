@@ -22,6 +22,7 @@ as ``now`` (Unix seconds, wall clock, since periods are calendar dates).
 from __future__ import annotations
 
 import calendar
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -36,12 +37,18 @@ _CAPS = (
 )
 
 
+@functools.lru_cache(maxsize=4)
+def _day(epoch_day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch_day * 86400))
+
+
 def day_of(now: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(now))
+    # Called on every request; the UTC day changes once a day, so format it once.
+    return _day(int(now // 86400))
 
 
 def month_of(now: float) -> str:
-    return time.strftime("%Y-%m", time.gmtime(now))
+    return day_of(now)[:7]
 
 
 def seconds_to_period_end(period: str, now: float) -> float:

@@ -57,7 +57,8 @@ class _LeaderLeft(Exception):
 
 @dataclass(eq=False)
 class _Entry:
-    future: asyncio.Future[Any]
+    #: Made by the first follower: most calls never have one, so never pay for it.
+    future: asyncio.Future[Any] | None = None
     followers: int = 0
 
 
@@ -73,6 +74,8 @@ class MemoryInFlight(InFlight):
             entry = self._entries.get(key)
             if entry is None:
                 return await self._lead(key, call), False
+            if entry.future is None:
+                entry.future = asyncio.get_running_loop().create_future()
             entry.followers += 1
             try:
                 # shield: a follower leaving must not cancel the leader's future.
@@ -83,7 +86,7 @@ class MemoryInFlight(InFlight):
                 entry.followers -= 1
 
     async def _lead(self, key: str, call: Callable[[], Awaitable[T]]) -> T:
-        entry = self._entries[key] = _Entry(asyncio.get_running_loop().create_future())
+        entry = self._entries[key] = _Entry()
         try:
             result = await call()
         except asyncio.CancelledError:
@@ -98,7 +101,7 @@ class MemoryInFlight(InFlight):
     def _finish(self, key: str, entry: _Entry, *, result: Any = None, exc: BaseException | None = None) -> None:
         if self._entries.get(key) is entry:
             del self._entries[key]
-        if not entry.followers:
+        if not entry.followers or entry.future is None:
             return  # nobody to tell; an unretrieved future exception would only be noise
         if exc is not None:
             entry.future.set_exception(exc)
