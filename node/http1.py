@@ -15,7 +15,8 @@ headers: the very per-response machinery we are trying to shed. httptools is
 the same llhttp engine behind a small, stable, public callback API, so bodies
 land directly in this protocol's buffer.
 
-Semantics match ``node.upstream.AiohttpTransport``:
+Semantics match ``node.upstream.AiohttpTransport``, which takes the shared parts
+(keep-alive, deadlines, timeout errors, the response base) from here:
 
 - ``connect`` bounds pool wait + TCP/TLS connect (``ConnectTimeout``);
   ``first_byte`` bounds everything until the response headers
@@ -35,7 +36,7 @@ import asyncio
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final, cast
 from urllib.parse import quote, urlsplit
 
@@ -53,9 +54,10 @@ from hapax import (
     UpstreamRequest,
     UpstreamResponse,
 )
-from hapax._config import ProviderConfig
+from hapax._config import ProviderConfig, Timeouts
 
-#: Keep idle upstream connections a while: providers are called constantly (as node.upstream).
+#: Keep idle upstream connections a while: providers are called constantly. Seconds;
+#: node.upstream's aiohttp connector uses it too.
 KEEPALIVE_SECONDS: Final = 60.0
 #: Pause reading a stream whose consumer has this much unread; the consumer takes
 #: all of it at once and reading resumes. Large enough that an SSE stream never
@@ -76,18 +78,47 @@ _HEAD: Final = 1  # request written, waiting for final response headers
 _BODY: Final = 2  # headers in, body arriving
 _DONE: Final = 3  # final response complete
 
-# What a wait that times out raises.
-_FIRST_BYTE: Final = 0
-_TOTAL: Final = 1
-_IDLE_GAP: Final = 2
+
+# -- shared with node.upstream ------------------------------------------------------------------
+# Both transports must time out at the same moments and fail with the same errors, so the
+# rules live here once. (Here rather than in node.upstream: that module imports this one.)
 
 
-def _timeout_error(kind: int) -> TransportError:
-    if kind == _FIRST_BYTE:
-        return FirstByteTimeout("no response headers within the first-byte timeout")
-    if kind == _TOTAL:
-        return StreamIdleTimeout("total timeout reading the body")
+def deadlines(timeouts: Timeouts, *, now: float) -> tuple[float, float]:
+    """Loop times by which a request sent at ``now`` must be complete, and must have its headers.
+
+    The headers' deadline never passes the whole request's: ``first_byte`` only tightens ``total``.
+    """
+    deadline = now + timeouts.total
+    return deadline, min(deadline, now + timeouts.first_byte)
+
+
+def first_byte_timeout() -> FirstByteTimeout:
+    return FirstByteTimeout("no response headers within the first-byte timeout")
+
+
+def total_timeout() -> StreamIdleTimeout:
+    return StreamIdleTimeout("total timeout reading the body")
+
+
+def idle_timeout() -> StreamIdleTimeout:
     return StreamIdleTimeout("no data from upstream within the idle timeout")
+
+
+class TimedResponse(UpstreamResponse):
+    """A response whose body waits are bounded by the request's ``total`` and ``stream_idle``."""
+
+    __slots__ = ("_deadline", "_idle", "headers", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str], *, deadline: float, idle: float) -> None:
+        self.status = status
+        self.headers = headers
+        self._deadline = deadline  # loop time by which the whole body must be in
+        self._idle = idle  # seconds: the longest wait for the next chunk
+
+    def _chunk_deadline(self, *, now: float) -> float:
+        """When a wait for the next chunk started at ``now`` gives up: the idle gap, capped by the total."""
+        return min(now + self._idle, self._deadline)
 
 
 class _Target:
@@ -148,7 +179,7 @@ class _Conn(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._wait_deadline = 0.0
-        self._wait_kind = _FIRST_BYTE
+        self._on_timeout: Callable[[], TransportError] = first_byte_timeout
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -291,12 +322,12 @@ class _Conn(asyncio.Protocol):
             self._paused = False
             self._transport.resume_reading()
 
-    async def wait(self, deadline: float, kind: int) -> None:
-        """Until the protocol has news (data, end, error), or raise when ``deadline`` passes."""
+    async def wait(self, deadline: float, on_timeout: Callable[[], TransportError]) -> None:
+        """Until the protocol has news (data, end, error), or raise ``on_timeout()`` when ``deadline`` passes."""
         waiter = self._loop.create_future()
         self._waiter = waiter
         self._wait_deadline = deadline
-        self._wait_kind = kind
+        self._on_timeout = on_timeout
         timer = self._timer
         if timer is None or self._timer_when > deadline:
             if timer is not None:
@@ -317,7 +348,7 @@ class _Conn(asyncio.Protocol):
             self._timer = self._loop.call_at(self._wait_deadline, self._on_timer)
             self._timer_when = self._wait_deadline
             return
-        waiter.set_exception(_timeout_error(self._wait_kind))
+        waiter.set_exception(self._on_timeout())
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -524,15 +555,12 @@ class _Pool:
                 waiter.set_result(None)
 
 
-class Http1Response(UpstreamResponse):
-    __slots__ = ("_conn", "_deadline", "_idle", "_released", "headers", "status")
+class Http1Response(TimedResponse):
+    __slots__ = ("_conn", "_released")
 
-    def __init__(self, conn: _Conn, deadline: float, idle: float) -> None:
+    def __init__(self, conn: _Conn, *, deadline: float, idle: float) -> None:
+        super().__init__(conn.status, conn.headers, deadline=deadline, idle=idle)
         self._conn = conn
-        self.status = conn.status
-        self.headers: Mapping[str, str] = conn.headers
-        self._deadline = deadline
-        self._idle = idle
         self._released = False
 
     async def read(self) -> bytes:
@@ -544,7 +572,7 @@ class Http1Response(UpstreamResponse):
             while conn.state != _DONE:
                 if conn.exc is not None:
                     raise conn.exc
-                await conn.wait(self._deadline, _TOTAL)
+                await conn.wait(self._deadline, total_timeout)
         except BaseException:
             # Timeout, error or cancellation: the connection is mid-response, never reusable.
             self.close()
@@ -565,7 +593,7 @@ class Http1Response(UpstreamResponse):
                     break
                 if conn.exc is not None:
                     raise conn.exc
-                await conn.wait(min(loop.time() + self._idle, self._deadline), _IDLE_GAP)
+                await conn.wait(self._chunk_deadline(now=loop.time()), idle_timeout)
         except BaseException:
             self.close()
             raise
@@ -598,8 +626,7 @@ class Http1Transport(Transport):
         loop = pool.loop
         t = request.timeouts
         now = loop.time()
-        deadline = now + t.total
-        head_deadline = min(deadline, now + t.first_byte)
+        deadline, head_deadline = deadlines(t, now=now)
         target = self._target(request.method, request.url)
         data = _encode(target, request)
 
@@ -613,7 +640,7 @@ class Http1Transport(Transport):
             except TimeoutError:
                 if now + t.connect <= head_deadline:
                     raise ConnectTimeout("connect timed out") from None
-                raise FirstByteTimeout("no response headers within the first-byte timeout") from None
+                raise first_byte_timeout() from None
             except ssl.SSLError as exc:
                 raise ConnectError(f"TLS handshake with {target.host} failed: {exc}") from exc
             except OSError as exc:
@@ -624,12 +651,12 @@ class Http1Transport(Transport):
             while conn.state == _HEAD:
                 if conn.exc is not None:
                     raise conn.exc
-                await conn.wait(head_deadline, _FIRST_BYTE)
+                await conn.wait(head_deadline, first_byte_timeout)
         except BaseException:
             # Timed out, broken or cancelled (the client hung up): the connection is out of step.
             conn.abort()
             raise
-        return Http1Response(conn, deadline, t.stream_idle)
+        return Http1Response(conn, deadline=deadline, idle=t.stream_idle)
 
     async def aclose(self) -> None:
         if self._pool is not None:

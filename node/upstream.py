@@ -1,13 +1,15 @@
 """The aiohttp-backed ``Transport``: one pooled keep-alive session per provider.
 
 aiohttp's exceptions are translated here, at the seam, into ``hapax``'s
-transport errors, choosing the most specific match.
+transport errors, choosing the most specific match. What it shares with the
+lean ``node.http1`` transport (keep-alive, deadlines, timeout errors, the
+response base) comes from there, so the two fail alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 
 import aiohttp
 
@@ -16,7 +18,6 @@ from hapax import (
     ConnectTimeout,
     FirstByteTimeout,
     ReadError,
-    StreamIdleTimeout,
     Transport,
     TransportError,
     UpstreamRequest,
@@ -24,10 +25,15 @@ from hapax import (
 )
 from hapax._config import ProviderConfig, Timeouts
 
-from .http1 import Http1Transport
-
-#: Keep idle upstream connections a while: providers are called constantly.
-KEEPALIVE_SECONDS = 60.0
+from .http1 import (
+    KEEPALIVE_SECONDS,
+    Http1Transport,
+    TimedResponse,
+    deadlines,
+    first_byte_timeout,
+    idle_timeout,
+    total_timeout,
+)
 
 
 def _translate(exc: BaseException) -> TransportError:
@@ -44,13 +50,10 @@ def _translate(exc: BaseException) -> TransportError:
     return ReadError(f"{type(exc).__name__}: {exc}")
 
 
-class AiohttpResponse(UpstreamResponse):
-    def __init__(self, resp: aiohttp.ClientResponse, deadline: float, idle: float) -> None:
+class AiohttpResponse(TimedResponse):
+    def __init__(self, resp: aiohttp.ClientResponse, *, deadline: float, idle: float) -> None:
+        super().__init__(resp.status, resp.headers, deadline=deadline, idle=idle)
         self._resp = resp
-        self.status = resp.status
-        self.headers: Mapping[str, str] = resp.headers
-        self._deadline = deadline
-        self._idle = idle
         self._complete = False
 
     async def read(self) -> bytes:
@@ -58,7 +61,7 @@ class AiohttpResponse(UpstreamResponse):
             async with asyncio.timeout_at(self._deadline):
                 data = await self._resp.read()
         except TimeoutError:
-            raise StreamIdleTimeout("total timeout reading the body") from None
+            raise total_timeout() from None
         except (aiohttp.ClientError, OSError) as exc:
             raise _translate(exc) from exc
         self._complete = True
@@ -70,13 +73,13 @@ class AiohttpResponse(UpstreamResponse):
         try:
             async with asyncio.timeout(None) as cm:
                 while True:
-                    cm.reschedule(min(loop.time() + self._idle, self._deadline))
+                    cm.reschedule(self._chunk_deadline(now=loop.time()))
                     chunk = await content.readany()
                     if not chunk:
                         break
                     yield chunk
         except TimeoutError:
-            raise StreamIdleTimeout("no data from upstream within the idle timeout") from None
+            raise idle_timeout() from None
         except (aiohttp.ClientError, OSError) as exc:
             raise _translate(exc) from exc
         self._complete = True
@@ -115,14 +118,14 @@ class AiohttpTransport(Transport):
         session = self._get_session()
         loop = asyncio.get_running_loop()
         t = request.timeouts
-        deadline = loop.time() + t.total
+        deadline, head_deadline = deadlines(t, now=loop.time())
         timeout = self._client_timeouts.get(t)
         if timeout is None:
             timeout = self._client_timeouts[t] = aiohttp.ClientTimeout(
                 total=None, sock_connect=t.connect, connect=t.connect
             )
         try:
-            async with asyncio.timeout_at(min(deadline, loop.time() + t.first_byte)):
+            async with asyncio.timeout_at(head_deadline):
                 resp = await session.request(
                     request.method,
                     request.url,
@@ -132,10 +135,10 @@ class AiohttpTransport(Transport):
                     allow_redirects=False,
                 )
         except TimeoutError:
-            raise FirstByteTimeout("no response headers within the first-byte timeout") from None
+            raise first_byte_timeout() from None
         except (aiohttp.ClientError, OSError) as exc:
             raise _translate(exc) from exc
-        return AiohttpResponse(resp, deadline, t.stream_idle)
+        return AiohttpResponse(resp, deadline=deadline, idle=t.stream_idle)
 
     async def aclose(self) -> None:
         if self._session is not None:
