@@ -205,7 +205,10 @@ def chat_to_messages_request(body: dict[str, Any]) -> dict[str, Any]:
                         blocks.append({"type": "text", "text": str(part.get("refusal", ""))})
                     else:
                         blocks.extend(_as_blocks(_text_parts([part], f"{where}.content[{j}]")[0]))
-            for j, tc in enumerate(m.get("tool_calls") or []):
+            calls = m.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise InvalidField(f"{where}.tool_calls must be an array", param=where)
+            for j, tc in enumerate(calls):
                 fn = tc.get("function") if isinstance(tc, dict) else None
                 if not isinstance(fn, dict):
                     raise InvalidField(f"{where}.tool_calls[{j}] needs a function", param=where)

@@ -51,12 +51,18 @@ def validate(op: Operation, body: dict[str, Any]) -> None:
                 raise InvalidField(
                     f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
                 )
+            calls = m.get("tool_calls")
+            if calls is not None and not isinstance(calls, list):
+                raise InvalidField(f"messages[{i}].tool_calls must be an array", param=f"messages[{i}].tool_calls")
+        # Translators rely on these shapes; check them once here for every provider.
+        _optional_strings(body, "stop" if op is Operation.CHAT else "stop_sequences", allow_str=op is Operation.CHAT)
         if op is Operation.MESSAGES:
             mt = _require(body, "max_tokens", int, "an integer")
             if mt < 1:
                 raise InvalidField("'max_tokens' must be at least 1", param="max_tokens")
     elif op is Operation.COMPLETIONS:
         _require(body, "prompt", (str, list), "a string or an array")
+        _optional_strings(body, "stop", allow_str=True)
     elif op is Operation.EMBEDDINGS:
         inp = _require(body, "input", (str, list), "a string or an array")
         if isinstance(inp, list) and not inp:
@@ -64,6 +70,15 @@ def validate(op: Operation, body: dict[str, Any]) -> None:
         fmt = body.get("encoding_format")
         if fmt is not None and fmt not in ("float", "base64"):
             raise InvalidField("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+
+
+def _optional_strings(body: dict[str, Any], key: str, *, allow_str: bool) -> None:
+    value = body.get(key)
+    if value is None or (allow_str and isinstance(value, str)):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        what = "a string or an array of strings" if allow_str else "an array of strings"
+        raise InvalidField(f"'{key}' must be {what}", param=key)
 
 
 def dumps(obj: Any) -> bytes:

@@ -64,6 +64,27 @@ def test_wrong_type_names_the_param(gw: GatewayProcess) -> None:
     assert r.status_code == 400 and _error(r)["param"] == "stream"
 
 
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": 1}]}, "messages[0].tool_calls"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": 3}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [1]}, "stop"),
+    ("/v1/messages", {"max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "stop_sequences": "x"},
+     "stop_sequences"),
+    ("/v1/embeddings", {"input": []}, "input"),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, "encoding_format"),
+])
+def test_malformed_fields_are_400_before_any_upstream_call(
+    gw: GatewayProcess, path: str, body: dict[str, object], param: str
+) -> None:
+    r = httpx.post(gw.url + path, json={"model": "demo", **body}, timeout=10)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    if path == "/v1/messages":  # Anthropic's error body has no param: the message names it
+        assert err["type"] == "invalid_request_error" and param in err["message"]
+    else:
+        assert err["param"] == param
+
+
 def test_body_too_large_is_413(gw: GatewayProcess) -> None:
     big = b'{"model": "demo", "messages": [{"role": "user", "content": "' + b"x" * 4096 + b'"}]}'
     r = _post(gw, big)

@@ -128,6 +128,8 @@ def test_chat_request_images_files_and_limits() -> None:
         {"id": "c", "type": "function", "function": {"name": "w", "arguments": "{oops"}}]}]},
      "messages[0].tool_calls[0].function.arguments"),
     ({"messages": [{"role": "function", "content": "x"}]}, "messages[0]"),
+    ({"messages": [{"role": "assistant", "tool_calls": 1}]}, "messages[0]"),
+    ({"messages": [{"role": "assistant", "tool_calls": {"id": "c"}}]}, "messages[0]"),
 ])
 def test_chat_request_refuses_what_anthropic_cannot_express(body: dict[str, Any], param: str) -> None:
     full = {"model": "m", "messages": [{"role": "user", "content": "x"}], **body}
