@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -100,6 +101,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="before each measured run, wait up to this many seconds for other work on the machine "
         "to drop under 10%% of a core (60; 0 disables)",
     )
+    p.add_argument(
+        "--auth",
+        choices=("none", "keys"),
+        default="none",
+        help="Hapax's auth mode; 'keys' calls with a stored key that has rate limits and a budget (none)",
+    )
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     return p.parse_args(argv)
 
@@ -120,23 +127,36 @@ def _hapax_config(port: int, upstream_port: int, pool: int) -> dict[str, Any]:
     }
 
 
-def _post(url: str, stream: bool) -> tuple[int, bytes]:
+def _keys_mode(cfg: dict[str, Any], state: Path, python: str, env: dict[str, str]) -> str:
+    """Turn on ``auth.mode: keys`` and mint the key the load will use: limits and a budget
+    high enough never to refuse, so every request pays for the whole check-and-settle path."""
+    cfg["auth"] = {"mode": "keys", "admin_key": "bench-admin-" + "x" * 40, "state_dir": str(state)}
+    out = subprocess.run(
+        [python, "-m", "node", "keys", "create", "--state-dir", str(state), "--name", "bench",
+         "--team", "bench", "--rpm", "1000000000", "--tpm", "1000000000000", "--concurrent", "100000",
+         "--daily-usd", "1000000000", "--json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    return str(json.loads(out)["key"])
+
+
+def _post(url: str, stream: bool, api_key: str = wrk.API_KEY) -> tuple[int, bytes]:
     req = urllib.request.Request(
         url,
         data=wrk.request_body(stream),
-        headers={"content-type": "application/json", "authorization": f"Bearer {wrk.API_KEY}"},
+        headers={"content-type": "application/json", "authorization": f"Bearer {api_key}"},
         method="POST",
     )
     with urllib.request.urlopen(req, timeout=10) as r:
         return r.status, r.read()
 
 
-def _sanity(name: str, url: str, chunks: int) -> None:
-    status, body = _post(url, False)
+def _sanity(name: str, url: str, chunks: int, api_key: str = wrk.API_KEY) -> None:
+    status, body = _post(url, False, api_key)
     data = json.loads(body)
     if status != 200 or not data.get("choices"):
         raise RuntimeError(f"{name}: bad non-streaming reply {status}: {body[:300]!r}")
-    status, body = _post(url, True)
+    status, body = _post(url, True, api_key)
     events = [e for e in body.split(b"\n\n") if e.startswith(b"data: ")]
     if status != 200 or events[-1] != b"data: [DONE]" or len(events) != chunks + 2:
         raise RuntimeError(f"{name}: bad stream ({status}, {len(events)} events): {body[:300]!r}")
@@ -261,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     up_port, proxy_port, hapax_port = free_port(), free_port(), free_port()
     pool = max(100, max(conns_list))
     cfg_path = tmp / "hapax.yaml"
-    cfg_path.write_text(yaml.safe_dump(_hapax_config(hapax_port, up_port, pool)))
-    scripts = {m: wrk.write_script(tmp, m == "stream") for m in MODES}
+    cfg = _hapax_config(hapax_port, up_port, pool)
+    api_key = _keys_mode(cfg, tmp / "state", a.python, env) if a.auth == "keys" else wrk.API_KEY
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    scripts = {m: wrk.write_script(tmp, m == "stream", api_key) for m in MODES}
     urls = {
         "direct": f"http://127.0.0.1:{up_port}/v1/chat/completions",
         "proxy": f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
@@ -293,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             procs["hapax"].wait_http(f"http://127.0.0.1:{hapax_port}/health/ready")
         for t in targets:
-            _sanity(t, urls[t], a.chunks)
+            _sanity(t, urls[t], a.chunks, api_key)
 
         for mode in modes:
             for conns in conns_list:
@@ -335,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gateway/proxy interpreter: {_describe(gw_info)}")
     print(f"  sys.version: {gw_info['version']}")
     print(f"duration {a.duration:g}s per target after {a.warmup:g}s warm-up; wrk -t{a.wrk_threads}; "
-          f"stream = {a.chunks} chunks + usage + [DONE]")
+          f"stream = {a.chunks} chunks + usage + [DONE]; Hapax auth mode {a.auth}")
     print()
     print(render(rows))
     noisy = [r for r in rows if (r.foreign_pct() or 0) > 10]
@@ -362,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "duration_s": a.duration, "warmup_s": a.warmup, "connections": conns_list,
                 "wrk_threads": a.wrk_threads, "chunks": a.chunks, "modes": modes, "targets": targets,
+                "hapax_auth": a.auth,
                 "pinning": {"gateway_and_proxy": gw_cpus, "upstream_and_wrk": load_cpus},
                 "request_bytes": {m: len(wrk.request_body(m == "stream")) for m in MODES},
             },

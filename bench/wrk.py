@@ -48,7 +48,7 @@ def request_body(stream: bool) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def write_script(directory: Path, stream: bool) -> Path:
+def write_script(directory: Path, stream: bool, api_key: str = API_KEY) -> Path:
     """Each request's body is made unique (a counter in ``user``), so a gateway that coalesces
     identical concurrent requests (Hapax's dedup) still makes one upstream call per request."""
     body = request_body(stream).decode()
@@ -59,7 +59,7 @@ def write_script(directory: Path, stream: bool) -> Path:
         f"wrk.body = [[{body}]]\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         'wrk.headers["Accept"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {API_KEY}"\n'
+        f'wrk.headers["Authorization"] = "Bearer {api_key}"\n'
         "local n = 0\n"
         "request = function()\n"
         "  n = n + 1\n"

@@ -187,6 +187,7 @@ class FileKeyStore(MemoryKeyStore):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = self.dir / self.FILE
+        self._path_str = str(self.path)  # os.stat on a str skips pathlib's per-call overhead
         self._lock_path = self.dir / ".keys.lock"
         self._stamp: tuple[int, int, int] | None = None
         self._dirty_use = False
@@ -194,7 +195,7 @@ class FileKeyStore(MemoryKeyStore):
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
-            st = self.path.stat()
+            st = os.stat(self._path_str)
         except FileNotFoundError:
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
