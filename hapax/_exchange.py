@@ -27,6 +27,10 @@ class Exchange:
     usage: Usage | None = None
     error: HapaxError | None = None
     anthropic: bool = False
+    #: With ``logging.log_bodies``: the request body and (non-streamed) response body, for the
+    #: access line. Empty otherwise: prompts are private by default.
+    request_body: bytes = b""
+    response_body: bytes = b""
     #: Attempts made upstream (retries and failovers included).
     attempts: int = 0
     #: Who called: a key's id, or "anonymous" when auth is off.

@@ -51,6 +51,8 @@ access_log = logging.getLogger("hapax.access")
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _JSON = "application/json"
+#: With logging.log_bodies, bodies are logged up to this size: enough to debug, bounded per line.
+_LOGGED_BODY_BYTES = 16 * 1024
 _SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
@@ -185,6 +187,10 @@ class Gateway:
         resp.headers["x-request-id"] = rid
         if cors.enabled:
             self._cors(req, resp)
+        if self.runtime.config.logging.log_bodies and ex.model:
+            ex.request_body = req.body[:_LOGGED_BODY_BYTES]
+            if not streaming:
+                ex.response_body = resp.body[:_LOGGED_BODY_BYTES]
         if not streaming:
             ex.status = resp.status
             if ex.cost_usd is not None:
@@ -395,6 +401,10 @@ class Gateway:
                 fields["cost_usd"] = round(ex.cost_usd, 8)
             if ex.error is not None:
                 fields["error_code"] = ex.error.code
+            if ex.request_body:
+                fields["request_body"] = ex.request_body.decode("utf-8", "replace")
+            if ex.response_body:
+                fields["response_body"] = ex.response_body.decode("utf-8", "replace")
             access_log.info("request", extra={"fields": fields})
 
 

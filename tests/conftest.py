@@ -4,11 +4,34 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import openai
 import pytest
 
 from tests.gateway_process import GatewayProcess
 from tests.upstreams import openai_api
 from tests.upstreams.server import UpstreamServer, UpstreamState
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Close every openai/anthropic client a test made, so no socket is left to the GC.
+
+    An SDK client left open keeps its keep-alive connection; when the GC finds it
+    later, the ResourceWarning lands on whatever test runs then (or on pytest's exit).
+    """
+    opened: list[Any] = []
+    for cls in (openai.OpenAI, anthropic.Anthropic):
+        original = cls.__init__
+
+        def tracking(self: Any, *args: Any, __original: Any = original, **kwargs: Any) -> None:
+            __original(self, *args, **kwargs)
+            opened.append(self)
+
+        monkeypatch.setattr(cls, "__init__", tracking)
+    yield
+    for client in opened:
+        client.close()
 
 
 @pytest.fixture

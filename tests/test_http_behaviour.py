@@ -194,6 +194,24 @@ def test_access_log_has_no_prompt(gw: GatewayProcess) -> None:
     assert secret_prompt not in logs
 
 
+def test_log_bodies_when_configured(gateway: Callable[..., GatewayProcess]) -> None:
+    cfg = _config()
+    cfg["logging"] = {"log_bodies": True}
+    gw = gateway(cfg)
+    prompt = "debug-me-prompt-777"
+    r = _post(gw, orjson_dumps({"model": "demo", "messages": [{"role": "user", "content": prompt}]}))
+    assert r.status_code == 200
+    import json
+    import time
+    deadline = time.monotonic() + 5
+    while r.headers["x-request-id"] not in gw.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(ln for ln in gw.logs().splitlines() if r.headers["x-request-id"] in ln)
+    entry = json.loads(line)
+    assert prompt in entry["request_body"]
+    assert "Hello from Hapax! You said: " + prompt in entry["response_body"]
+
+
 def orjson_dumps(obj: object) -> bytes:
     import orjson
 
