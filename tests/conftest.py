@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from tests.gateway_process import GatewayProcess
+from tests.reliability_support import Ups, upstreams
 from tests.upstreams import openai_api
 from tests.upstreams.server import UpstreamServer, UpstreamState
 
@@ -32,6 +33,15 @@ def _close_sdk_clients(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     for client in opened:
         client.close()
+
+
+@pytest.fixture
+def ab() -> Iterator[Ups]:
+    """Two OpenAI-compatible upstreams that answer "from a" and "from b"."""
+    with upstreams(2) as ups:
+        ups[0][1].reply = "from a"
+        ups[1][1].reply = "from b"
+        yield ups
 
 
 @pytest.fixture

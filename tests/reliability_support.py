@@ -30,6 +30,9 @@ def upstreams(n: int) -> Iterator[list[tuple[UpstreamServer, UpstreamState]]]:
             server.stop()
 
 
+Ups = list[tuple[UpstreamServer, UpstreamState]]
+
+
 def metrics(url: str) -> dict[str, float]:
     """``/metrics`` as {'name{labels}': value}."""
     out: dict[str, float] = {}

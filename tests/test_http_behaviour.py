@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 
 import httpx
@@ -182,14 +184,8 @@ def test_access_log_has_no_prompt(gw: GatewayProcess) -> None:
     secret_prompt = "my-private-prompt-4242"
     r = _post(gw, orjson_dumps({"model": "demo", "messages": [{"role": "user", "content": secret_prompt}]}))
     assert r.status_code == 200
-    import time
-    deadline = time.monotonic() + 5
-    while r.headers["x-request-id"] not in gw.logs() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    entry = _access_line(gw, r.headers["x-request-id"])
     logs = gw.logs()
-    line = next(ln for ln in logs.splitlines() if r.headers["x-request-id"] in ln)
-    import json
-    entry = json.loads(line)
     assert entry["status"] == 200 and entry["model"] == "demo" and entry["completion_tokens"] > 0
     assert secret_prompt not in logs
 
@@ -201,15 +197,18 @@ def test_log_bodies_when_configured(gateway: Callable[..., GatewayProcess]) -> N
     prompt = "debug-me-prompt-777"
     r = _post(gw, orjson_dumps({"model": "demo", "messages": [{"role": "user", "content": prompt}]}))
     assert r.status_code == 200
-    import json
-    import time
-    deadline = time.monotonic() + 5
-    while r.headers["x-request-id"] not in gw.logs() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    line = next(ln for ln in gw.logs().splitlines() if r.headers["x-request-id"] in ln)
-    entry = json.loads(line)
+    entry = _access_line(gw, r.headers["x-request-id"])
     assert prompt in entry["request_body"]
     assert "Hello from Hapax! You said: " + prompt in entry["response_body"]
+
+
+def _access_line(gw: GatewayProcess, request_id: str) -> dict[str, object]:
+    """The access-log entry of one request, waiting (bounded) for the line to be written."""
+    deadline = time.monotonic() + 5
+    while request_id not in gw.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(ln for ln in gw.logs().splitlines() if request_id in ln and '"hapax.access"' in ln)
+    return json.loads(line)  # type: ignore[no-any-return]
 
 
 def orjson_dumps(obj: object) -> bytes:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -10,18 +10,8 @@ import httpx
 import pytest
 
 from tests.gateway_process import GatewayProcess
-from tests.reliability_support import chat, chats, metric, upstreams, wait_for
-from tests.upstreams.server import UpstreamServer, UpstreamState, free_port
-
-Ups = list[tuple[UpstreamServer, UpstreamState]]
-
-
-@pytest.fixture
-def ab() -> Iterator[Ups]:
-    with upstreams(2) as ups:
-        ups[0][1].reply = "from a"
-        ups[1][1].reply = "from b"
-        yield ups
+from tests.reliability_support import Ups, chat, chats, metric, wait_for
+from tests.upstreams.server import UpstreamState, free_port
 
 
 def _config(ups: Ups, *, admission: dict[str, Any] | None = None, dedup: bool = True,

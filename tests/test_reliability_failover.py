@@ -7,7 +7,7 @@ what happened.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,18 +16,7 @@ import orjson
 import pytest
 
 from tests.gateway_process import GatewayProcess
-from tests.reliability_support import chat, chats, metric, upstreams, wait_for
-from tests.upstreams.server import UpstreamServer, UpstreamState
-
-Ups = list[tuple[UpstreamServer, UpstreamState]]
-
-
-@pytest.fixture
-def ab() -> Iterator[Ups]:
-    with upstreams(2) as ups:
-        ups[0][1].reply = "from a"
-        ups[1][1].reply = "from b"
-        yield ups
+from tests.reliability_support import Ups, chat, chats, metric, wait_for
 
 
 def _config(ups: Ups, *, strategy: str = "failover", breaker: dict[str, Any] | None = None,
