@@ -29,6 +29,14 @@ DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 #: Kubernetes' default terminationGracePeriodSeconds is 30; stay inside it.
 DEFAULT_SHUTDOWN_GRACE = 25.0
 
+#: Request headers no ``forward_headers`` may name: the client's credentials (the gateway's
+#: own go upstream instead), cookies, hop-by-hop and framing headers, and the ones adapters set.
+NEVER_FORWARDED = frozenset({
+    "authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie", "host", "connection",
+    "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "content-length", "content-type",
+    "content-encoding", "accept", "accept-encoding", "expect", "x-request-id",
+})
+
 ProviderType = Literal["openai", "azure-openai", "anthropic", "gemini", "mock"]
 
 
@@ -64,12 +72,28 @@ class ProviderConfig(_Model):
     base_url: str | None = Field(None, description="upstream base URL; type default if unset")
     api_key: SecretStr | None = None
     headers: dict[str, str] = Field(default_factory=dict, description="extra upstream headers")
+    #: Client request headers passed on to this provider; unset means the type's default
+    #: (``anthropic-beta`` for anthropic, ``openai-beta`` for openai and azure-openai).
+    forward_headers: tuple[str, ...] | None = Field(None, description="client headers passed upstream")
     timeouts: Timeouts = Field(default_factory=Timeouts)
     pool_size: int = Field(100, ge=1, le=10000, description="max pooled connections")
     api_version: str | None = Field(None, description="azure-openai api-version")
     anthropic_version: str = "2023-06-01"
     mock: MockSettings = Field(default_factory=MockSettings)
     health_check: HealthCheckConfig = Field(default_factory=HealthCheckConfig)
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forwardable(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if names is None:
+            return None
+        out = tuple(n.strip().lower() for n in names)
+        for n in out:
+            if n in NEVER_FORWARDED or n.startswith(("x-hapax-", "proxy-")):
+                # The client's credential, hop-by-hop and framing headers never go upstream.
+                raise ValueError(f"{n!r} cannot be forwarded: credentials, hop-by-hop and framing "
+                                 "headers never leave the gateway")
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> ProviderConfig:

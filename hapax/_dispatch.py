@@ -63,7 +63,7 @@ from ._health import DeploymentHealth, HealthStore, MemoryHealthStore, Prober, P
 from ._metrics import GatewayMetrics
 from ._retry import GiveUp, RetryPlan, retry_after_of
 from ._translate import Translation, find_translation
-from .providers import Call, EventBatches, Operation, Provider, Reply, StreamReply
+from .providers import PROVIDER_HEADERS, Call, EventBatches, Operation, Provider, Reply, StreamReply
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -187,7 +187,9 @@ class Dispatcher:
         self, rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange
     ) -> Dispatched:
         self.sync(rt)
-        if ex.dedup and not body.get("stream") and rt.config.reliability.dedup.enabled:
+        # The dedup key is the body; a request with a beta header asks for something else.
+        if (ex.dedup and not body.get("stream") and rt.config.reliability.dedup.enabled
+                and not any(h in ex.client_headers for h in PROVIDER_HEADERS)):
             return await self._send_handling_dedup(rt, model, op, body, ex)
         return await self._send_handling_admission(rt, model, op, body, ex)
 
@@ -633,5 +635,8 @@ def prepare_call(
         target = translation.target
     upstream_body = translation.request(body) if translation else dict(body)
     upstream_body["model"] = dep.model
+    provider.check(target, upstream_body)
     stream = bool(body.get("stream"))
-    return translation, Call(op=target, body=upstream_body, stream=stream, request_id=ex.request_id)
+    headers = provider.forwarded(ex.client_headers)
+    return translation, Call(op=target, body=upstream_body, stream=stream, request_id=ex.request_id,
+                             headers=headers)

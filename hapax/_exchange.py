@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ._errors import HapaxError
@@ -47,3 +48,5 @@ class Exchange:
     #: The caller's ``x-ratelimit-*`` headers once admission looked at its limits: they go
     #: on the answer whatever it is (a 429 included), as OpenAI sends them.
     ratelimit_headers: dict[str, str] | None = None
+    #: The client's request headers, for the few a provider's ``forward_headers`` passes on.
+    client_headers: Mapping[str, str] = field(default_factory=dict)

@@ -215,6 +215,7 @@ class Gateway:
         ex.principal = principal.id
         ex.priority = _priority(req.headers.get("x-hapax-priority"), principal)
         ex.dedup = req.headers.get("x-hapax-dedup", "").lower() != "off"
+        ex.client_headers = req.headers
         body = parse_body(req.body)
         validate(op, body)
         rt = self.runtime

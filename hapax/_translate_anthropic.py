@@ -22,9 +22,20 @@ Rules both directions keep:
 - Tool arguments are a JSON string in OpenAI and an object in Anthropic.
 - Anthropic requires ``max_tokens``; an OpenAI request without one gets
   ``DEFAULT_MAX_TOKENS``.
-- A request the other side cannot express (``n > 1``, an unknown content
-  part, a server tool) is refused with a 400 naming the field, rather than
-  silently answered differently.
+- Every top-level field is in a table (``CHAT_TO_MESSAGES_FIELDS``,
+  ``MESSAGES_TO_CHAT_FIELDS``, ``hapax._translate_fields``): carried, or
+  accepted only with a value that asks for nothing (``n: 1``), or refused.
+  A request the other side cannot express (``n > 1``, ``seed``, an unknown
+  field or content part, a server tool) is refused with a 400 naming the
+  field, rather than silently answered differently.
+- Prompt caching: OpenAI-format ``cache_control`` markers (on content parts,
+  on a message, on a tool) become Anthropic's ``cache_control`` on the
+  matching block. The other way they are accepted and not sent, since
+  OpenAI-compatible servers cache prefixes by themselves; either way cached
+  tokens come back in usage.
+- Reasoning: ``reasoning_effort`` becomes ``thinking.budget_tokens`` and back,
+  by the table in ``hapax._translate_fields``; ``max_tokens`` grows to keep
+  Anthropic's rule that the budget is below it.
 - A stream that ends before its terminal event raises ``UpstreamUnavailable``
   from ``finish``, so the client sees an error event, not a clean end.
 
@@ -43,6 +54,7 @@ import orjson
 from ._errors import InvalidField, UpstreamUnavailable
 from ._sse import SSEEvent
 from ._translate import StreamTranslator, Translation, register
+from ._translate_fields import CHAT_NEUTRAL, cache_control, reasoning_budget, reasoning_effort, refuse_unknown
 from ._usage import Usage, estimate_prompt_tokens
 from .providers._base import Operation
 
@@ -83,21 +95,38 @@ def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
 
-def _text_parts(content: Any, where: str) -> list[str]:
-    """The texts of an OpenAI content value that may only hold text (system, tool)."""
+def _text_blocks(content: Any, where: str) -> list[dict[str, Any]]:
+    """An OpenAI content value that may only hold text (system, tool, assistant) as Anthropic
+    text blocks, each part's ``cache_control`` kept."""
     if content is None:
         return []
     if isinstance(content, str):
-        return [content]
+        return [{"type": "text", "text": content}]
     if isinstance(content, list):
         out = []
         for i, part in enumerate(content):
             if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                out.append(part["text"])
+                out.append(_with_cache({"type": "text", "text": part["text"]}, part, f"{where}[{i}]"))
             else:
                 raise InvalidField(f"{where}[{i}] must be a text part", param=f"{where}[{i}]")
         return out
     raise InvalidField(f"{where} must be a string or an array of parts", param=where)
+
+
+def _with_cache(block: dict[str, Any], part: dict[str, Any], where: str) -> dict[str, Any]:
+    """``block`` with the ``cache_control`` of the OpenAI-format ``part`` it came from."""
+    marker = part.get("cache_control")
+    if marker is not None:
+        block["cache_control"] = cache_control(marker, where)
+    return block
+
+
+def _mark_last(blocks: list[dict[str, Any]], message: dict[str, Any], where: str) -> None:
+    """A message-level ``cache_control`` (LiteLLM's form) marks the message's last block, which
+    is where Anthropic's breakpoint for "everything up to here" goes."""
+    marker = message.get("cache_control")
+    if marker is not None and blocks:
+        blocks[-1]["cache_control"] = cache_control(marker, where)
 
 
 # =========================================================================================
@@ -124,22 +153,23 @@ def _user_blocks(content: Any, where: str) -> str | list[dict[str, Any]]:
         here = f"{where}[{i}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            blocks.append({"type": "text", "text": part["text"]})
+            block: dict[str, Any] = {"type": "text", "text": part["text"]}
         elif kind == "image_url":
             img = part.get("image_url")
             url = img.get("url") if isinstance(img, dict) else img
             if not isinstance(url, str):
                 raise InvalidField(f"{here}.image_url.url must be a string", param=here)
-            blocks.append(_image_block(url, here))
+            block = _image_block(url, here)
         elif kind == "file" and isinstance(part.get("file"), dict):
             m = _DATA_URL.match(str(part["file"].get("file_data", "")))
             if not m:
                 raise InvalidField(f"{here}.file needs file_data as a base64 data: URL", param=here)
-            blocks.append({"type": "document",
-                           "source": {"type": "base64", "media_type": m.group(1), "data": m.group(2)}})
+            block = {"type": "document",
+                     "source": {"type": "base64", "media_type": m.group(1), "data": m.group(2)}}
         else:
             raise InvalidField(f"{here}: content part type {kind!r} is not supported by this model",
                                param=here)
+        blocks.append(_with_cache(block, part, here))
     return blocks
 
 
@@ -179,23 +209,40 @@ def _tool_choice_to_anthropic(choice: Any, parallel: Any) -> dict[str, Any] | No
     return out
 
 
+#: OpenAI chat fields ``chat_to_messages_request`` carries. ``metadata`` (tags for OpenAI's
+#: stored completions) and ``prompt_cache_key`` (a cache routing hint; Anthropic caches by
+#: ``cache_control`` prefix) change nothing in the answer and are accepted without effect.
+CHAT_TO_MESSAGES_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "stop", "stream", "stream_options", "user", "safety_identifier", "tools", "tool_choice",
+    "parallel_tool_calls", "reasoning_effort", "service_tier", "metadata", "prompt_cache_key",
+})
+_CHAT_TO_MESSAGES_NEUTRAL = {k: v for k, v in CHAT_NEUTRAL.items() if k not in CHAT_TO_MESSAGES_FIELDS}
+#: OpenAI service_tier -> Anthropic's: "default" is OpenAI's standard tier.
+_SERVICE_TIERS = {"auto": "auto", "default": "standard_only"}
+
+
 def chat_to_messages_request(body: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI chat request as an Anthropic messages request. ``body`` is left untouched."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise InvalidField("'n' greater than 1 is not supported by this model", param="n")
-    system: list[str] = []
+    refuse_unknown(body, CHAT_TO_MESSAGES_FIELDS, _CHAT_TO_MESSAGES_NEUTRAL, "Anthropic")
+    system: list[dict[str, Any]] = []
     turns: list[dict[str, Any]] = []
     for i, m in enumerate(body.get("messages") or []):
         where = f"messages[{i}]"
         role = m.get("role")
         content = m.get("content")
         if role in ("system", "developer"):
-            system.extend(_text_parts(content, f"{where}.content"))
+            blocks = _text_blocks(content, f"{where}.content")
+            _mark_last(blocks, m, where)
+            system.extend(blocks)
         elif role == "user":
-            _append_turn(turns, "user", _user_blocks(content, f"{where}.content"))
+            user = _user_blocks(content, f"{where}.content")
+            if m.get("cache_control") is not None:
+                user = _as_blocks(user) or [{"type": "text", "text": ""}]
+                _mark_last(user, m, where)
+            _append_turn(turns, "user", user)
         elif role == "assistant":
-            blocks: list[dict[str, Any]] = []
+            blocks = []
             if isinstance(content, str):
                 if content:
                     blocks.append({"type": "text", "text": content})
@@ -204,7 +251,7 @@ def chat_to_messages_request(body: dict[str, Any]) -> dict[str, Any]:
                     if isinstance(part, dict) and part.get("type") == "refusal":
                         blocks.append({"type": "text", "text": str(part.get("refusal", ""))})
                     else:
-                        blocks.extend(_as_blocks(_text_parts([part], f"{where}.content[{j}]")[0]))
+                        blocks.extend(b for b in _text_blocks([part], f"{where}.content[{j}]") if b["text"])
             calls = m.get("tool_calls") or []
             if not isinstance(calls, list):
                 raise InvalidField(f"{where}.tool_calls must be an array", param=where)
@@ -214,29 +261,50 @@ def chat_to_messages_request(body: dict[str, Any]) -> dict[str, Any]:
                     raise InvalidField(f"{where}.tool_calls[{j}] needs a function", param=where)
                 args = _loads(fn.get("arguments") or "", f"{where}.tool_calls[{j}].function.arguments")
                 blocks.append({"type": "tool_use", "id": tc.get("id"), "name": fn.get("name"), "input": args})
+            _mark_last(blocks, m, where)
             if blocks:  # Anthropic refuses an empty turn; an empty OpenAI one carries nothing
                 _append_turn(turns, "assistant", blocks)
         elif role == "tool":
+            texts = _text_blocks(content, f"{where}.content")
             result: dict[str, Any] = {
                 "type": "tool_result",
                 "tool_use_id": m.get("tool_call_id"),
-                "content": "\n".join(_text_parts(content, f"{where}.content")),
+                "content": "\n".join(t["text"] for t in texts),
             }
+            # Anthropic marks the whole tool_result; any marked part (or the message) marks it.
+            for t in texts:
+                if "cache_control" in t:
+                    result["cache_control"] = t["cache_control"]
+            _mark_last([result], m, where)
             _append_turn(turns, "user", [result])
         else:
             raise InvalidField(f"{where}.role {role!r} is not supported by this model", param=where)
 
     out: dict[str, Any] = {"model": body.get("model"), "messages": turns}
     if system:
-        out["system"] = system[0] if len(system) == 1 else [{"type": "text", "text": s} for s in system]
+        if len(system) == 1 and "cache_control" not in system[0]:
+            out["system"] = system[0]["text"]
+        else:
+            out["system"] = system
     mt = body.get("max_completion_tokens") or body.get("max_tokens")
     out["max_tokens"] = mt if isinstance(mt, int) and mt > 0 else DEFAULT_MAX_TOKENS
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        budget = reasoning_budget(effort)
+        if budget is not None:
+            out["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            if not (isinstance(mt, int) and mt > budget):
+                # Anthropic wants budget_tokens < max_tokens. OpenAI's limit counts reasoning too,
+                # so a larger one stands; a smaller (or no) limit keeps that much room for the
+                # answer on top of the thinking budget.
+                out["max_tokens"] = budget + out["max_tokens"]
     temp = body.get("temperature")
     if isinstance(temp, int | float):
         # OpenAI's range is 0..2, Anthropic's 0..1: clamp rather than let the upstream refuse.
         out["temperature"] = min(float(temp), 1.0)
-    if body.get("top_p") is not None:
-        out["top_p"] = body["top_p"]
+    for key in ("top_p", "top_k"):
+        if body.get(key) is not None:
+            out[key] = body[key]
     stop = body.get("stop")
     if isinstance(stop, str):
         out["stop_sequences"] = [stop]
@@ -244,8 +312,15 @@ def chat_to_messages_request(body: dict[str, Any]) -> dict[str, Any]:
         out["stop_sequences"] = list(stop)
     if body.get("stream"):
         out["stream"] = True
-    if isinstance(body.get("user"), str):
-        out["metadata"] = {"user_id": body["user"]}
+    user_id = body.get("user") or body.get("safety_identifier")
+    if isinstance(user_id, str):
+        out["metadata"] = {"user_id": user_id}
+    tier = body.get("service_tier")
+    if tier is not None:
+        if tier not in _SERVICE_TIERS:
+            raise InvalidField("'service_tier' must be 'auto' or 'default' for this model",
+                               param="service_tier", code="unsupported_parameter")
+        out["service_tier"] = _SERVICE_TIERS[tier]
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
         out["tools"] = []
@@ -259,7 +334,7 @@ def chat_to_messages_request(body: dict[str, Any]) -> dict[str, Any]:
             }
             if fn.get("description"):
                 tool["description"] = fn["description"]
-            out["tools"].append(tool)
+            out["tools"].append(_with_cache(tool, t, f"tools[{i}]"))
     choice = _tool_choice_to_anthropic(body.get("tool_choice"), body.get("parallel_tool_calls"))
     if choice is not None and "tools" in out:
         out["tool_choice"] = choice
@@ -288,15 +363,8 @@ def messages_to_chat_response(body: dict[str, Any], usage: Usage, *, created: in
         "model": body.get("model"),
         "choices": [{"index": 0, "message": message, "logprobs": None,
                      "finish_reason": _FINISH.get(body.get("stop_reason") or "", "stop")}],
-        "usage": _openai_usage(usage),
+        "usage": usage.openai(),
     }
-
-
-def _openai_usage(usage: Usage) -> dict[str, Any]:
-    out: dict[str, Any] = usage.openai()
-    if usage.cached_tokens:
-        out["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens}
-    return out
 
 
 class ChatFromMessagesStream(StreamTranslator):
@@ -352,7 +420,7 @@ class ChatFromMessagesStream(StreamTranslator):
             self.done = True
             if self.include_usage:
                 return [SSEEvent(data=orjson.dumps({**self.base, "choices": [],
-                                                    "usage": _openai_usage(self.usage)}))]
+                                                    "usage": self.usage.openai()}))]
             return []
         if kind == "error":
             err = data.get("error") or {}
@@ -429,8 +497,34 @@ def _tool_result_text(content: Any, where: str) -> tuple[str, list[dict[str, Any
     return "\n".join(texts), [p for p in parts if p["type"] != "text"]
 
 
+#: Anthropic request fields ``messages_to_chat_request`` carries. ``cache_control`` markers
+#: inside them are accepted and not sent: OpenAI-compatible servers cache prompt prefixes
+#: on their own, and report what they cached, which reaches the client as
+#: ``cache_read_input_tokens``.
+MESSAGES_TO_CHAT_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p",
+    "top_k", "metadata", "tools", "tool_choice", "thinking", "service_tier",
+})
+#: Anthropic service_tier -> OpenAI's.
+_OPENAI_TIERS = {"auto": "auto", "standard_only": "default"}
+
+
+def _thinking_to_effort(thinking: Any) -> str | None:
+    """Anthropic ``thinking`` as an OpenAI ``reasoning_effort`` (``None``: do not ask)."""
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "disabled":
+        return None
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if kind != "enabled" or not isinstance(budget, int) or isinstance(budget, bool):
+        raise InvalidField("'thinking' must be {\"type\": \"enabled\", \"budget_tokens\": N} or "
+                           "{\"type\": \"disabled\"} for this model", param="thinking",
+                           code="unsupported_parameter")
+    return reasoning_effort(budget)
+
+
 def messages_to_chat_request(body: dict[str, Any]) -> dict[str, Any]:
     """An Anthropic messages request as an OpenAI chat request. ``body`` is left untouched."""
+    refuse_unknown(body, MESSAGES_TO_CHAT_FIELDS, {}, "an OpenAI-compatible provider")
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if isinstance(system, str) and system:
@@ -459,7 +553,9 @@ def messages_to_chat_request(body: dict[str, Any]) -> dict[str, Any]:
                     calls.append({"id": b.get("id"), "type": "function",
                                   "function": {"name": b.get("name"), "arguments": _dumps(b.get("input", {}))}})
                 elif kind in ("thinking", "redacted_thinking"):
-                    continue  # the provider cannot verify another model's reasoning
+                    # Anthropic itself strips earlier turns' thinking from the context, and
+                    # another provider could not verify its signature anyway.
+                    continue
                 else:
                     raise InvalidField(f"{where}.content[{j}]: block type {kind!r} is not supported",
                                        param=f"{where}.content[{j}]")
@@ -486,9 +582,21 @@ def messages_to_chat_request(body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"model": body.get("model"), "messages": messages}
     # max_tokens, not max_completion_tokens: every OpenAI-compatible server takes it.
     out["max_tokens"] = body.get("max_tokens")
-    for key in ("temperature", "top_p"):
+    # top_k goes under its own name: vLLM, Gemini (through hapax) and others take it, and
+    # OpenAI itself refuses it with a 400 that names it, so it is never silently lost.
+    for key in ("temperature", "top_p", "top_k"):
         if body.get(key) is not None:
             out[key] = body[key]
+    if body.get("thinking") is not None:
+        effort = _thinking_to_effort(body["thinking"])
+        if effort is not None:
+            out["reasoning_effort"] = effort
+    tier = body.get("service_tier")
+    if tier is not None:
+        if tier not in _OPENAI_TIERS:
+            raise InvalidField("'service_tier' must be 'auto' or 'standard_only'", param="service_tier",
+                               code="unsupported_parameter")
+        out["service_tier"] = _OPENAI_TIERS[tier]
     if body.get("stop_sequences"):
         out["stop"] = list(body["stop_sequences"])
     if body.get("stream"):

@@ -9,8 +9,8 @@ one when the client asked for it (the chat request carries its
 ``stream_options``, so the chat side emits it only then).
 
 Completions features chat cannot express are refused with a 400 (several
-prompts, token-id prompts, ``echo``, ``suffix``, ``logprobs``) rather than
-answered differently.
+prompts, token-id prompts, ``echo``, ``suffix``, ``logprobs``, ``best_of``
+above 1, any field not listed here) rather than answered differently.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import orjson
 from ._errors import InvalidField, UpstreamUnavailable
 from ._sse import SSEEvent
 from ._translate import StreamTranslator, Translation, register
+from ._translate_fields import refuse_unknown
 from ._usage import Usage
 from .providers._base import Operation
 
@@ -33,7 +34,14 @@ _SHARED = (
 )
 
 
+#: Everything ``completions_to_chat_request`` knows: the shared keys, and the prompt-only
+#: ones it checks below.
+_FIELDS = frozenset({"model", "prompt", "echo", "suffix", "logprobs", *_SHARED})
+_NEUTRAL = {"best_of": lambda v: v == 1}
+
+
 def completions_to_chat_request(body: dict[str, Any]) -> dict[str, Any]:
+    refuse_unknown(body, _FIELDS, _NEUTRAL, "a chat-only provider")
     prompt = body.get("prompt")
     if isinstance(prompt, list):
         if len(prompt) != 1 or not isinstance(prompt[0], str):

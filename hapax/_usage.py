@@ -18,12 +18,17 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def openai(self) -> dict[str, int]:
-        return {
+    def openai(self) -> dict[str, Any]:
+        """OpenAI's ``usage`` object; cached prompt tokens (Anthropic's cache reads, Gemini's
+        cached content) as ``prompt_tokens_details.cached_tokens``, where OpenAI puts its own."""
+        out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+        if self.cached_tokens:
+            out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return out
 
     def take_openai(self, usage: Any) -> None:
         if isinstance(usage, dict):

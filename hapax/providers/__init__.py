@@ -6,12 +6,13 @@ from .._config import ProviderConfig
 from .._transport import Transport
 from ._anthropic import AnthropicProvider
 from ._azure import AzureOpenAIProvider
-from ._base import Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
+from ._base import PROVIDER_HEADERS, Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
 from ._gemini import GeminiProvider
 from ._mock import MockProvider
 from ._openai import OpenAIProvider
 
 __all__ = [
+    "PROVIDER_HEADERS",
     "PROVIDER_TYPES",
     "AnthropicProvider",
     "AzureOpenAIProvider",

@@ -44,6 +44,7 @@ _STREAM_ERRORS: dict[str, type[UpstreamError]] = {
 class AnthropicProvider(Provider):
     type = "anthropic"
     operations: ClassVar[frozenset[Operation]] = frozenset({Operation.MESSAGES})
+    default_forward_headers: ClassVar[tuple[str, ...]] = ("anthropic-beta",)
 
     @property
     def url(self) -> str:
@@ -63,7 +64,7 @@ class AnthropicProvider(Provider):
         return h
 
     async def send(self, call: Call) -> Reply:
-        headers = self.headers()
+        headers = {**call.headers, **self.headers()} if call.headers else self.headers()
         headers["x-request-id"] = call.request_id
         resp = await self._request(self.url, headers, call.body)
         if not call.stream:

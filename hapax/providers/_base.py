@@ -17,7 +17,7 @@ the client asked for. All upstream I/O goes through the injected ``Transport``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -26,6 +26,7 @@ import orjson
 
 from .._config import ProviderConfig, Timeouts
 from .._errors import (
+    InvalidField,
     UpstreamBadRequest,
     UpstreamError,
     UpstreamRateLimited,
@@ -54,6 +55,9 @@ PROBES: dict[str, tuple[str, str]] = {
     "anthropic": ("https://api.anthropic.com", "/v1/models"),
     "gemini": ("https://generativelanguage.googleapis.com", "/v1beta/models"),
 }
+#: Headers that ask one provider family for something (a beta feature). A client's is
+#: forwarded where the provider's ``forward_headers`` allows it, and refused elsewhere.
+PROVIDER_HEADERS = ("anthropic-beta", "openai-beta")
 #: Extra upstream header values shorter than this are not treated as secrets when
 #: redacting error messages: "2023-06-01" or "true" would blank out ordinary words.
 _MIN_SECRET_CHARS = 12
@@ -75,6 +79,9 @@ class Call:
     body: dict[str, Any]
     stream: bool
     request_id: str
+    #: Client headers the provider's ``forward_headers`` let through (``anthropic-beta``...).
+    #: Adapters put their own headers (credentials included) over these.
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -108,14 +115,41 @@ Reply = JsonReply | StreamReply
 class Provider(ABC):
     type: ClassVar[str]
     operations: ClassVar[frozenset[Operation]]
+    #: Client headers forwarded upstream when the config's ``forward_headers`` is unset.
+    default_forward_headers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, name: str, config: ProviderConfig, transport: Transport) -> None:
         self.name = name
         self.config = config
         self.transport = transport
+        fwd = config.forward_headers
+        self.forward_headers: tuple[str, ...] = self.default_forward_headers if fwd is None else fwd
+        #: Provider-specific headers a client may send that this provider would not get: a
+        #: request carrying one is refused rather than answered without it.
+        self.refused_headers = tuple(h for h in PROVIDER_HEADERS if h not in self.forward_headers)
 
     @abstractmethod
     async def send(self, call: Call) -> Reply: ...
+
+    def check(self, op: Operation, body: dict[str, Any]) -> None:
+        """Raise ``InvalidField`` for a body this adapter cannot carry; runs before any attempt."""
+        return None  # bodies in the adapter's own wire format pass through as they are
+
+    def forwarded(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The client's headers to send upstream: the allowlisted ones, nothing else."""
+        for name in self.refused_headers:
+            if name in headers:
+                raise InvalidField(
+                    f"the {name} header cannot reach provider {self.name} ({self.type}); "
+                    "remove it or use a model that takes it",
+                    param=name, code="unsupported_parameter",
+                )
+        out = {}
+        for name in self.forward_headers:
+            value = headers.get(name)
+            if value is not None:
+                out[name] = value
+        return out
 
     async def aclose(self) -> None:
         await self.transport.aclose()

@@ -18,7 +18,11 @@ Rules of the mapping:
 - images travel inline only (``data:`` URLs); Gemini cannot fetch arbitrary URLs;
 - Gemini's ``finishReason`` becomes OpenAI's ``finish_reason``; a turn that
   produced function calls finishes with ``tool_calls``;
-- thinking tokens count as output: Google bills them so.
+- ``reasoning_effort`` becomes ``thinkingConfig.thinkingBudget`` (the table in
+  ``hapax._translate_fields``); thinking tokens count as output: Google bills
+  them so;
+- every top-level field is in ``CHAT_FIELDS`` or refused with a 400 naming it
+  (``check_body``, which the dispatcher runs before any attempt).
 
 Errors keep Google's body; ``error_from_status`` reads two things only Google
 sends: a bad API key is a 400 (``API_KEY_INVALID``), which is the gateway's
@@ -39,6 +43,7 @@ import orjson
 
 from .._errors import InvalidField, UpstreamError, UpstreamUnavailable
 from .._sse import SSEEvent
+from .._translate_fields import CHAT_NEUTRAL, reasoning_budget, refuse_unknown
 from .._usage import Usage, estimate_prompt_tokens, text_of
 from ._base import Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
 
@@ -74,8 +79,35 @@ _TOOL_MODES = {"none": "NONE", "auto": "AUTO", "required": "ANY"}
 # -- request ---------------------------------------------------------------------------------
 
 
+#: OpenAI chat fields ``chat_request`` carries. Accepted without effect, because they do not
+#: change the answer and Gemini has no field for them: ``user``/``safety_identifier`` (abuse
+#: monitoring ids), ``metadata`` (tags for OpenAI's stored completions), ``prompt_cache_key``.
+CHAT_FIELDS = frozenset({
+    "model", "messages", "tools", "tool_choice", "temperature", "top_p", "top_k", "n",
+    "presence_penalty", "frequency_penalty", "seed", "max_tokens", "max_completion_tokens", "stop",
+    "response_format", "stream", "stream_options", "reasoning_effort", "user", "safety_identifier",
+    "metadata", "prompt_cache_key",
+})
+_CHAT_NEUTRAL = {k: v for k, v in CHAT_NEUTRAL.items() if k not in CHAT_FIELDS}
+EMBED_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+
+
+def check_body(op: Operation, body: dict[str, Any]) -> None:
+    """Refuse a field Gemini cannot carry, before any slot or attempt is spent on it."""
+    if op is Operation.CHAT:
+        refuse_unknown(body, CHAT_FIELDS, _CHAT_NEUTRAL, "Gemini")
+    elif op is Operation.EMBEDDINGS:
+        refuse_unknown(body, EMBED_FIELDS, {}, "Gemini")
+
+
 def chat_request(body: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI chat body as a Gemini ``GenerateContentRequest``."""
+    """An OpenAI chat body as a Gemini ``GenerateContentRequest``.
+
+    ``cache_control`` markers on parts or messages are accepted and not sent:
+    Gemini caches repeated prompt prefixes implicitly (and explicit caches are
+    ``cachedContents`` resources, not request fields); what it cached comes
+    back as ``cached_tokens`` in usage.
+    """
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     names_by_call_id: dict[str, str] = {}
@@ -216,12 +248,10 @@ def _function_response(name: str, content: Any) -> dict[str, Any]:
 
 def _tools(tools: Any) -> list[dict[str, Any]]:
     out = []
-    for t in tools if isinstance(tools, list) else []:
-        if not isinstance(t, dict) or t.get("type", "function") != "function":
-            continue
-        fn = t.get("function")
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            continue
+    for i, t in enumerate(tools if isinstance(tools, list) else []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if t.get("type", "function") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise InvalidField(f"tools[{i}] must be a function tool with a name", param=f"tools[{i}]")
         decl: dict[str, Any] = {"name": fn["name"]}
         if isinstance(fn.get("description"), str):
             decl["description"] = fn["description"]
@@ -240,7 +270,9 @@ def _tool_config(choice: Any) -> dict[str, Any] | None:
         fn = choice.get("function")
         if isinstance(fn, dict) and isinstance(fn.get("name"), str):
             return {"mode": "ANY", "allowedFunctionNames": [fn["name"]]}
-    return None
+    if choice is None:
+        return None
+    raise InvalidField("'tool_choice' must be auto, none, required or a function", param="tool_choice")
 
 
 def gemini_schema(schema: Any) -> Any:
@@ -294,12 +326,22 @@ def _generation_config(body: dict[str, Any]) -> dict[str, Any]:
         gen["stopSequences"] = [stop]
     elif isinstance(stop, list) and stop:
         gen["stopSequences"] = stop
+    if body.get("top_k") is not None:
+        gen["topK"] = body["top_k"]
     rf = body.get("response_format")
     if isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema"):
         gen["responseMimeType"] = "application/json"
         js = rf.get("json_schema")
         if rf["type"] == "json_schema" and isinstance(js, dict) and isinstance(js.get("schema"), dict):
             gen["responseSchema"] = gemini_schema(js["schema"])
+    elif rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
+        raise InvalidField("'response_format.type' must be text, json_object or json_schema",
+                           param="response_format")
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        budget = reasoning_budget(effort)
+        # 0 turns thinking off, on the models that allow it (the others refuse, loudly).
+        gen["thinkingConfig"] = {"thinkingBudget": 0 if budget is None else budget}
     return gen
 
 
@@ -505,12 +547,16 @@ class GeminiProvider(Provider):
         name = quote(model.removeprefix("models/"), safe="")
         return f"{base}/{API_VERSION}/models/{name}:{method}"
 
-    def headers(self) -> dict[str, str]:
-        h = {"content-type": "application/json", "accept": "application/json"}
+    def headers(self, call: Call | None = None) -> dict[str, str]:
+        h = dict(call.headers) if call is not None else {}
+        h["content-type"] = h["accept"] = "application/json"
         if self.config.api_key is not None:
             h["x-goog-api-key"] = self.config.api_key.get_secret_value()
         h.update(self.config.headers)
         return h
+
+    def check(self, op: Operation, body: dict[str, Any]) -> None:
+        check_body(op, body)
 
     async def send(self, call: Call) -> Reply:
         model = str(call.body.get("model", "")).removeprefix("models/")
@@ -520,13 +566,13 @@ class GeminiProvider(Provider):
         response_id = os.urandom(12).hex()
         created = int(time.time())
         if not call.stream:
-            resp = await self._request(self.url(model, "generateContent"), self.headers(), request)
+            resp = await self._request(self.url(model, "generateContent"), self.headers(call), request)
             data, _ = await self._read_json(resp)
             usage = Usage()
             take_usage(usage, data.get("usageMetadata"))
             body = chat_response(data, model=model, response_id=response_id, created=created, usage=usage)
             return JsonReply(body=body, usage=usage)
-        headers = self.headers()
+        headers = self.headers(call)
         headers["accept"] = "text/event-stream"
         resp = await self._request(self.url(model, "streamGenerateContent") + "?alt=sse", headers, request)
         opts = call.body.get("stream_options")
@@ -563,7 +609,7 @@ class GeminiProvider(Provider):
 
     async def _embed(self, call: Call, model: str) -> JsonReply:
         request = embed_request(call.body, model)
-        resp = await self._request(self.url(model, "batchEmbedContents"), self.headers(), request)
+        resp = await self._request(self.url(model, "batchEmbedContents"), self.headers(call), request)
         data, _ = await self._read_json(resp)
         # batchEmbedContents reports no token counts: the estimate stands in, marked unreported.
         usage = Usage(prompt_tokens=estimate_prompt_tokens(call.body))

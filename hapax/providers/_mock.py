@@ -21,12 +21,14 @@ import orjson
 
 from .._sse import SSEEvent
 from .._usage import Usage, estimate_prompt_tokens, text_of
-from ._base import Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
+from ._base import PROVIDER_HEADERS, Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
 
 
 class MockProvider(Provider):
     type = "mock"
     operations: ClassVar[frozenset[Operation]] = frozenset(Operation)
+    #: A stand-in for any provider: it takes (and ignores) every family's headers.
+    default_forward_headers: ClassVar[tuple[str, ...]] = PROVIDER_HEADERS
 
     _rng = random.Random(0)
 

@@ -27,6 +27,8 @@ _PATHS = {
 class OpenAIProvider(Provider):
     type = "openai"
     operations: ClassVar[frozenset[Operation]] = frozenset(_PATHS)
+    #: Not OpenAI-Organization/-Project: those pick whose account the gateway's key bills.
+    default_forward_headers: ClassVar[tuple[str, ...]] = ("openai-beta",)
 
     def __init__(self, *, name: str, config: ProviderConfig, transport: Transport) -> None:
         super().__init__(name=name, config=config, transport=transport)
@@ -47,7 +49,7 @@ class OpenAIProvider(Provider):
 
     async def send(self, call: Call) -> Reply:
         body = call.body
-        headers = {**self._headers, "x-request-id": call.request_id}
+        headers = {**call.headers, **self._headers, "x-request-id": call.request_id}
         wants_usage = True
         if call.stream:
             opts = body.get("stream_options")
