@@ -3,14 +3,17 @@
 Non-stream replies are ``message`` objects; streams are the documented event
 sequence, each with its ``event:`` line: ``message_start``, then per content
 block ``content_block_start`` / ``content_block_delta`` (``text_delta`` or
-``input_json_delta`` fragments) / ``content_block_stop``, a ``ping``,
+``input_json_delta`` fragments, or a ``thinking`` block's ``thinking_delta``
+and ``signature_delta`` when ``thinking`` is enabled) / ``content_block_stop``, a ``ping``,
 ``message_delta`` with ``stop_reason`` and output usage, ``message_stop``.
 Errors use Anthropic's body ``{"type": "error", "error": {"type", "message"}}``.
 
 Like the real API it refuses a request without ``x-api-key`` (401) or
 ``anthropic-version`` (400), without ``max_tokens``, with a ``system`` role
-inside ``messages``, or with a ``tool_result`` that answers no ``tool_use`` of
-the previous assistant turn.
+inside ``messages``, with a ``tool_result`` that answers no ``tool_use`` of
+the previous assistant turn, or with a thinking budget under 1024 or not below
+``max_tokens``. A request holding any ``cache_control`` marker reports
+``CACHED_TOKENS`` as ``cache_read_input_tokens``.
 
 When the request has tools (and ``tool_choice`` is not ``none``) and its last
 turn is not a tool result, the reply is a short text block followed by a
@@ -42,6 +45,8 @@ from .server import Seen, UpstreamState
 STATE = web.AppKey("anthropic_state", UpstreamState)
 
 INPUT_TOKENS = 12
+CACHED_TOKENS = 8
+THINKING = "Let me think."
 TOOL_PREAMBLE = "Let me check."
 TOOL_INPUT_FRAGMENTS = ('{"city": ', '"Paris"}')
 
@@ -71,6 +76,13 @@ def _check(request: web.Request, body: Any) -> web.Response | None:
     for key in ("model", "messages", "max_tokens"):
         if key not in body:
             return _error(400, f"{key}: Field required")
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not isinstance(budget, int) or budget < 1024:
+            return _error(400, "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024")
+        if budget >= body["max_tokens"]:
+            return _error(400, "`max_tokens` must be greater than `thinking.budget_tokens`")
     prev_tools: set[str] = set()
     for i, m in enumerate(body["messages"]):
         if m.get("role") not in ("user", "assistant"):
@@ -85,9 +97,18 @@ def _check(request: web.Request, body: Any) -> web.Response | None:
     return None
 
 
-def _usage(output: int) -> dict[str, Any]:
-    return {"input_tokens": INPUT_TOKENS, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+def _usage(output: int, cached: int = 0) -> dict[str, Any]:
+    return {"input_tokens": INPUT_TOKENS, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
             "output_tokens": output}
+
+
+def _cache_marks(value: Any) -> int:
+    """How many cache_control markers a request holds anywhere."""
+    if isinstance(value, dict):
+        return ("cache_control" in value) + sum(_cache_marks(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_cache_marks(v) for v in value)
+    return 0
 
 
 def _wants_tool(body: dict[str, Any]) -> str | None:
@@ -134,18 +155,30 @@ async def messages(request: web.Request) -> web.StreamResponse:
         stop, out_tokens = "tool_use", 9
     else:
         blocks, stop, out_tokens = [{"type": "text", "text": state.reply}], "end_turn", len(words)
+    if (body.get("thinking") or {}).get("type") == "enabled":
+        blocks.insert(0, {"type": "thinking", "thinking": THINKING, "signature": "sig_up1"})
+    # A prompt with cache breakpoints reads CACHED_TOKENS from the cache, as a warm one would.
+    cached = CACHED_TOKENS if _cache_marks(body) else 0
     message = {"id": "msg_upstream1", "type": "message", "role": "assistant", "model": model,
-               "content": blocks, "stop_reason": stop, "stop_sequence": None, "usage": _usage(out_tokens)}
+               "content": blocks, "stop_reason": stop, "stop_sequence": None,
+               "usage": _usage(out_tokens, cached)}
     if not body.get("stream"):
         return web.Response(body=orjson.dumps(message), content_type="application/json")
 
     events: list[tuple[str, dict[str, Any]]] = [
-        ("message_start", {"message": {**message, "content": [], "stop_reason": None, "usage": _usage(1)}}),
+        ("message_start", {"message": {**message, "content": [], "stop_reason": None, "usage": _usage(1, cached)}}),
     ]
     for i, b in enumerate(blocks):
-        if b["type"] == "text":
+        if b["type"] == "thinking":
+            events.append(("content_block_start", {"index": i, "content_block": {
+                "type": "thinking", "thinking": "", "signature": ""}}))
+            events.append(("content_block_delta", {"index": i, "delta": {"type": "thinking_delta",
+                                                                         "thinking": THINKING}}))
+            events.append(("content_block_delta", {"index": i, "delta": {"type": "signature_delta",
+                                                                         "signature": "sig_up1"}}))
+        elif b["type"] == "text":
             events.append(("content_block_start", {"index": i, "content_block": {"type": "text", "text": ""}}))
-            if i == 0:
+            if i == 0 or blocks[0]["type"] == "thinking":
                 events.append(("ping", {}))
             pieces = words if not tool else [b["text"]]
             events.extend(("content_block_delta", {"index": i, "delta": {"type": "text_delta", "text": w}})
