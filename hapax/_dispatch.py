@@ -63,7 +63,7 @@ from ._health import DeploymentHealth, HealthStore, MemoryHealthStore, Prober, P
 from ._metrics import GatewayMetrics
 from ._retry import GiveUp, RetryPlan, retry_after_of
 from ._translate import Translation, find_translation
-from .providers import PROVIDER_HEADERS, Call, EventBatches, Operation, Provider, Reply, StreamReply
+from .providers import Call, EventBatches, Operation, Provider, Reply, StreamReply, has_provider_headers
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -189,7 +189,7 @@ class Dispatcher:
         self.sync(rt)
         # The dedup key is the body; a request with a beta header asks for something else.
         if (ex.dedup and not body.get("stream") and rt.config.reliability.dedup.enabled
-                and not any(h in ex.client_headers for h in PROVIDER_HEADERS)):
+                and not has_provider_headers(ex.client_headers)):
             return await self._send_handling_dedup(rt, model, op, body, ex)
         return await self._send_handling_admission(rt, model, op, body, ex)
 

@@ -29,7 +29,9 @@ from hapax._config import parse_config
 from hapax._errors import ConfigError
 from hapax._translate_anthropic import CHAT_TO_MESSAGES_FIELDS, MESSAGES_TO_CHAT_FIELDS
 from hapax._translate_fields import CHAT_NEUTRAL, REASONING_BUDGETS
+from hapax._usage import Usage
 from hapax.providers._gemini import CHAT_FIELDS as GEMINI_FIELDS
+from hapax.providers._gemini import chat_response, take_usage
 from tests.gateway_process import GatewayProcess
 from tests.upstreams import anthropic_api, gemini_api, openai_api
 from tests.upstreams.server import UpstreamServer, UpstreamState
@@ -481,3 +483,13 @@ def test_credentials_and_hop_by_hop_headers_cannot_be_allowlisted(name: str) -> 
     with pytest.raises(ConfigError) as info:
         parse_config({"providers": {"p": {"type": "anthropic", "forward_headers": [name]}}})
     assert "forward_headers" in str(info.value) and "cannot be forwarded" in str(info.value)
+
+
+def test_gemini_cached_tokens_reach_openai_usage() -> None:
+    """Gemini's implicit cache hits are reported where OpenAI clients read cached tokens."""
+    usage = Usage()
+    take_usage(usage, {"promptTokenCount": 100, "candidatesTokenCount": 5, "cachedContentTokenCount": 64})
+    body = chat_response({"candidates": [{"content": {"parts": [{"text": "ok"}]}, "finishReason": "STOP"}]},
+                         model="m", response_id="r", created=0, usage=usage)
+    assert body["usage"] == {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
+                             "prompt_tokens_details": {"cached_tokens": 64}}

@@ -6,7 +6,17 @@ from .._config import ProviderConfig
 from .._transport import Transport
 from ._anthropic import AnthropicProvider
 from ._azure import AzureOpenAIProvider
-from ._base import PROVIDER_HEADERS, Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
+from ._base import (
+    PROVIDER_HEADERS,
+    Call,
+    EventBatches,
+    JsonReply,
+    Operation,
+    Provider,
+    Reply,
+    StreamReply,
+    has_provider_headers,
+)
 from ._gemini import GeminiProvider
 from ._mock import MockProvider
 from ._openai import OpenAIProvider
@@ -27,6 +37,7 @@ __all__ = [
     "Reply",
     "StreamReply",
     "build_provider",
+    "has_provider_headers",
 ]
 
 PROVIDER_TYPES: dict[str, type[Provider]] = {

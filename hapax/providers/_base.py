@@ -58,6 +58,11 @@ PROBES: dict[str, tuple[str, str]] = {
 #: Headers that ask one provider family for something (a beta feature). A client's is
 #: forwarded where the provider's ``forward_headers`` allows it, and refused elsewhere.
 PROVIDER_HEADERS = ("anthropic-beta", "openai-beta")
+
+
+def has_provider_headers(headers: Mapping[str, str]) -> bool:
+    """Whether a client sent any of ``PROVIDER_HEADERS`` (spelled out: this runs per request)."""
+    return "anthropic-beta" in headers or "openai-beta" in headers
 #: Extra upstream header values shorter than this are not treated as secrets when
 #: redacting error messages: "2023-06-01" or "true" would blank out ordinary words.
 _MIN_SECRET_CHARS = 12
