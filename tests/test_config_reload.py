@@ -60,7 +60,8 @@ def _load(gw: GatewayProcess, model: str) -> Iterator[dict[str, Any]]:
     def run() -> None:
         with httpx.Client(base_url=gw.url, timeout=10) as c:
             while not stop.is_set():
-                r = c.post("/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}]})
+                r = c.post("/v1/chat/completions",
+                           json={"model": model, "messages": [{"role": "user", "content": "x"}]})
                 if r.status_code == 200:
                     seen["ok"] += 1
                 else:
