@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from tests.gateway_process import ROOT
+import orjson
+
+from tests.gateway_process import ROOT, GatewayProcess
+from tests.test_access_http import ENV, admin, chat, config, make_key, settled_usage
+from tests.upstreams.server import free_port
 
 
 def hapax(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -96,3 +104,101 @@ def test_validate_warnings_pass_unless_strict(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout.startswith("ok: 1 providers, 1 models (1 warning(s))")
     assert "warning: auth.mode: none" in r.stderr
     assert _validate(tmp_path, text, "--strict").returncode == 1
+
+
+# -- keys and usage against a running node ---------------------------------------------------
+
+ISO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert r.returncode == 1, r
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_local_cli_needs_no_admin_key_and_names_keys_by_name(gateway: Callable[..., GatewayProcess]) -> None:
+    gw = gateway(config(), env=ENV)
+    cfg = str(gw.config_path)
+    # No HAPAX_ADMIN_KEY in this environment: the local store needs none (docs/security.md).
+    made = hapax("keys", "create", "-c", cfg, "--name", "bob")
+    assert made.returncode == 0, made.stderr
+    bob = made.stdout.strip()
+    assert chat(gw, bob).status_code == 200
+    listed = hapax("keys", "list", "-c", cfg, "--json")
+    assert listed.returncode == 0, listed.stderr
+    row = next(k for k in orjson.loads(listed.stdout)["data"] if k["name"] == "bob")
+    assert ISO.match(row["created_at"]), row  # last use reaches the file lazily; the node knows it now
+    assert ISO.match(admin(gw, "GET", f"/admin/keys/{row['id']}").json()["last_used_at"])
+    assert "bob" in hapax("keys", "list", "-c", cfg).stdout
+
+    # By name, locally and through the admin API (a name with a space is URL-encoded).
+    shown = hapax("keys", "show", "-c", cfg, "bob", "--json")
+    assert shown.returncode == 0 and orjson.loads(shown.stdout)["id"] == row["id"]
+    assert hapax("keys", "create", "-c", cfg, "--name", "ci bot").returncode == 0
+    remote = hapax("keys", "show", "--url", gw.url, "ci bot", "--json", env=ENV)
+    assert remote.returncode == 0, remote.stderr
+    assert orjson.loads(remote.stdout)["name"] == "ci bot"
+    by_name = admin(gw, "GET", "/admin/keys/bob").json()
+    assert by_name["id"] == row["id"] and ISO.match(by_name["created_at"])
+
+    revoked = hapax("keys", "revoke", "-c", cfg, "bob")
+    assert revoked.returncode == 0, revoked.stderr
+    assert chat(gw, bob).status_code == 401
+
+    # Every failure is one line and exit 1.
+    _one_line_error(hapax("keys", "revoke", "-c", cfg, "nobody"), "no key with id or name 'nobody'")
+    for _ in range(2):
+        assert hapax("keys", "create", "-c", cfg, "--name", "dup").returncode == 0
+    _one_line_error(hapax("keys", "rotate", "-c", cfg, "dup"), "2 keys are named 'dup'")
+    assert admin(gw, "POST", "/admin/keys/dup/revoke").status_code == 409
+    _one_line_error(hapax("keys", "list", "--url", gw.url), "--url needs an admin key")
+    _one_line_error(hapax("keys", "list", "--url", f"http://127.0.0.1:{free_port()}", env=ENV), "cannot reach")
+    _one_line_error(hapax("keys", "list", "-c", str(gw.config_path.parent / "missing.yaml")), "cannot read")
+    _one_line_error(hapax("usage", "--url", gw.url, "--admin-key", "hpx_" + "x" * 43), "invalid API key")
+
+
+def test_usage_counts_refusals_by_key_name_in_table_json_and_csv(gateway: Callable[..., GatewayProcess]) -> None:
+    # The local CLI reads the ledger file, which the node writes every flush_interval.
+    gw = gateway(config(usage={"flush_interval": 0.1}), env=ENV)
+    cfg = str(gw.config_path)
+    secret, key_id = make_key(gw, name="ana", team="alpha", limits={"requests_per_minute": 2})
+    codes = [chat(gw, secret).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    settled_usage(gw, f"key={key_id}", 2)
+
+    # The admin API: ?key= takes the name; the refusal is a row count, not a request.
+    body = admin(gw, "GET", "/admin/usage?key=ana").json()
+    assert [(r["key"], r["key_name"], r["requests"], r["refused"]) for r in body["data"]] == [
+        (key_id, "ana", 2, 1)]
+    assert body["totals"]["refused"] == 1
+
+    def local_rows() -> list[dict[str, Any]]:
+        j = hapax("usage", "-c", cfg, "--key", "ana", "--by", "key,model", "--format", "json")
+        assert j.returncode == 0, j.stderr
+        return list(orjson.loads(j.stdout)["data"])
+
+    deadline = time.monotonic() + 10
+    while not (rows := local_rows()) or rows[0]["refused"] < 1:
+        assert time.monotonic() < deadline, rows
+    assert rows == [{"key": key_id, "model": "demo", "key_name": "ana", "requests": 2, "refused": 1,
+                     "errors": 0, "prompt_tokens": rows[0]["prompt_tokens"],
+                     "completion_tokens": rows[0]["completion_tokens"], "cached_tokens": 0,
+                     "total_tokens": rows[0]["total_tokens"], "cost_usd": rows[0]["cost_usd"]}]
+    assert rows[0]["total_tokens"] > 0
+
+    table = hapax("usage", "-c", cfg, "--by", "team")
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["TEAM", "REQUESTS", "REFUSED", "ERRORS", "TOKENS", "COST_USD"], lines
+    assert lines[1].split()[:3] == ["alpha", "2", "1"] and lines[-1].startswith("TOTAL")
+
+    csv = hapax("usage", "--url", gw.url, "--by", "day,key", "--format", "csv", env=ENV).stdout.splitlines()
+    assert csv[0] == ("day,key,requests,refused,errors,prompt_tokens,completion_tokens,cached_tokens,"
+                      "total_tokens,cost_usd,key_name")
+    assert csv[1].split(",")[1:4] == [key_id, "2", "1"] and csv[1].endswith(",ana")
+
+    # The refusal survives a restart with the rest of the ledger.
+    gw.stop()
+    gw.start()
+    assert admin(gw, "GET", "/admin/usage?key=ana").json()["totals"]["refused"] == 1
+    assert admin(gw, "GET", "/admin/usage?group_by=colour").status_code == 400
