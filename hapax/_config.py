@@ -170,29 +170,69 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:
-        found: list[str] = []  # every finding, one per line (parse_config splits them)
-        seen: dict[str, str] = {}
-        for i, m in enumerate(self.models):
-            for dep in m.deployments:
-                if dep.provider not in self.providers:
-                    found.append(
-                        f"models[{i}] ({m.name}): unknown provider {dep.provider!r}; "
-                        f"defined: {sorted(self.providers)}"
-                    )
-            for public in (m.name, *m.aliases):
-                if public in seen:
-                    found.append(f"models[{i}]: name {public!r} is already used by {seen[public]!r}")
-                seen[public] = m.name
-        if self.auth.mode == "keys" and self.auth.admin_key is None and self.auth.state_dir is None:
-            # No admin key to mint keys with and no store the CLI could mint into:
-            # every call would be refused, forever.
-            found.append(
-                "auth: mode keys needs auth.admin_key or auth.state_dir (a key store); "
-                "with neither, no key can ever be made"
-            )
+        found = _cross_findings(
+            [(i, m.name, m.aliases, tuple(d.provider for d in m.deployments)) for i, m in enumerate(self.models)],
+            set(self.providers),
+            keys_without_a_way_in=self.auth.mode == "keys" and self.auth.admin_key is None
+            and self.auth.state_dir is None,
+        )
         if found:
-            raise ValueError("\n".join(found))
+            raise ValueError("\n".join(found))  # one finding per line: parse_config splits them
         return self
+
+
+def _cross_findings(
+    models: list[tuple[int, str, tuple[str, ...], tuple[str, ...]]],
+    providers: set[str] | None,
+    *,
+    keys_without_a_way_in: bool,
+) -> list[str]:
+    """Checks across sections, on (index, name, aliases, providers used) per model.
+
+    Shared by the validator and by ``parse_config`` when other keys are invalid too,
+    so one run of ``hapax config validate`` reports these with the rest.
+    """
+    found: list[str] = []
+    seen: dict[str, str] = {}
+    for i, name, aliases, used in models:
+        for provider in used:
+            if providers is not None and provider not in providers:
+                found.append(f"models[{i}] ({name}): unknown provider {provider!r}; defined: {sorted(providers)}")
+        for public in (name, *aliases):
+            if public in seen:
+                found.append(f"models[{i}]: name {public!r} is already used by {seen[public]!r}")
+            seen[public] = name
+    if keys_without_a_way_in:
+        # No admin key to mint keys with and no store the CLI could mint into:
+        # every call would be refused, forever.
+        found.append(
+            "auth: mode keys needs auth.admin_key or auth.state_dir (a key store); "
+            "with neither, no key can ever be made"
+        )
+    return found
+
+
+def _raw_cross_findings(data: dict[str, Any]) -> list[str]:
+    """``_cross_findings`` on a document that failed validation: whatever parts have the right shape."""
+
+    def strs(v: Any) -> tuple[str, ...]:
+        return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list | tuple) else ()
+
+    raw_providers = data.get("providers")
+    providers = {str(k) for k in raw_providers} if isinstance(raw_providers, dict) else None
+    models = []
+    raw_models = data.get("models")
+    for i, m in enumerate(raw_models if isinstance(raw_models, list) else ()):
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            continue
+        used = strs([m.get("provider")])
+        deps = m.get("deployments")
+        used += strs([d.get("provider") for d in deps if isinstance(d, dict)] if isinstance(deps, list) else [])
+        models.append((i, m["name"], strs(m.get("aliases")), used))
+    auth = data.get("auth") if isinstance(data.get("auth"), dict) else {}
+    assert isinstance(auth, dict)
+    return _cross_findings(models, providers, keys_without_a_way_in=auth.get("mode") == "keys"
+                           and auth.get("admin_key") is None and auth.get("state_dir") is None)
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -313,6 +353,8 @@ def parse_config(
         for err in exc.errors():
             # A key left out for its unset variable is already reported once.
             problems.extend(p for p in _problems(err) if p[0] not in unset)
+        if not any(err["loc"] == () for err in exc.errors()):  # the cross-check did not run
+            problems.extend(("", f) for f in _raw_cross_findings(expanded))
         cfg = None
     if problems:
         problems = problems[:MAX_PROBLEMS]
@@ -340,7 +382,7 @@ def load_config(
     if not text.strip():
         raise ConfigError("the file is empty")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {_yaml_problem(exc)}") from None
     except RecursionError:
@@ -354,6 +396,27 @@ def load_config(
         return parse_config(data, env=env, require_env=require_env)
     except RecursionError:
         raise ConfigError("the config is nested too deep") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last one silently: a second ``providers:`` block would throw
+    the first away without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            # Plain keys only; a '<<' merge may be overridden by the mapping's own keys, by design.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key_node.value!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 #: PyYAML's wording, said the way an operator reads it.

@@ -41,6 +41,7 @@ providers:
 models:
   - {name: a, provider: p, alias: [x]}
   - {name: b, provider: p, strategy: weird}
+  - {name: c, provider: nowhere}
 server:
   port: -1
   reload_intervl: 3
@@ -53,7 +54,9 @@ server:
     assert any(e.startswith("error: providers.q: base_url must be") for e in errors)
     assert any(e.startswith("error: models[1].strategy: unknown strategy 'weird'") for e in errors)
     assert any(e.startswith("error: server.port:") for e in errors)
-    assert len(errors) == 6 and r.stderr.rstrip().endswith("6 errors")
+    # Cross-checks are reported along with the rest, not after they are fixed.
+    assert "error: models[2] (c): unknown provider 'nowhere'; defined: ['p', 'q']" in errors
+    assert len(errors) == 7 and r.stderr.rstrip().endswith("7 errors")
     assert "Traceback" not in r.stderr
 
 
@@ -80,6 +83,14 @@ def test_validate_rewords_yaml_errors_with_line_and_column(tmp_path: Path) -> No
     r = _validate(tmp_path, "server:\n  host: a: b\n")
     assert "line 2, column 10: a ':' where no key can start" in r.stderr
     assert "a: b" not in r.stderr  # PyYAML's quote of the line (it may hold a secret) is left out
+    # PyYAML would keep the second block silently and drop the first.
+    r = _validate(tmp_path, "providers:\n  p: {type: mock}\nmodels: [{name: a, provider: p}]\n"
+                            "providers:\n  q: {type: mock}\n")
+    assert "error: invalid YAML: line 4, column 1: the key 'providers' is given twice in one mapping" in r.stderr
+    # A merge key may still be overridden, as YAML means it.
+    r = _validate(tmp_path, "providers:\n  base: &b {type: mock}\n  p: {<<: *b, type: mock}\n"
+                            "models: [{name: a, provider: p}]\n")
+    assert r.returncode == 0, r.stderr
 
 
 def test_validate_refuses_empty_undecodable_and_useless_configs(tmp_path: Path) -> None:
