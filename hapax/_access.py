@@ -194,7 +194,7 @@ class AccessControl:
             log.warning("auth.state_dir is unset: API keys, usage and audit live in memory and die with the process")
         if self.state_dir_mode is not None and self.state_dir_mode & 0o077:
             log.warning(
-                "auth.state_dir %s is readable by group or others (mode %o); "
+                "auth.state_dir %s is open to group or others (mode %o); "
                 "it holds key hashes, usage and the audit log: chmod 700 it",
                 self.state_dir, self.state_dir_mode,
             )

@@ -52,28 +52,32 @@ def _models(gw: GatewayProcess) -> list[str]:
 
 
 @contextmanager
-def _load(gw: GatewayProcess, model: str) -> Iterator[dict[str, Any]]:
-    """Calls to ``model`` in a loop from a thread; yields counts of answers by status."""
+def _load(gw: GatewayProcess, model: str, clients: int = 4) -> Iterator[dict[str, Any]]:
+    """Calls to ``model`` in a loop from ``clients`` threads at once; yields what they got."""
     seen: dict[str, Any] = {"ok": 0, "bad": []}
     stop = threading.Event()
+    lock = threading.Lock()
 
     def run() -> None:
         with httpx.Client(base_url=gw.url, timeout=10) as c:
             while not stop.is_set():
                 r = c.post("/v1/chat/completions",
                            json={"model": model, "messages": [{"role": "user", "content": "x"}]})
-                if r.status_code == 200:
-                    seen["ok"] += 1
-                else:
-                    seen["bad"].append((r.status_code, r.text[:200]))
+                with lock:
+                    if r.status_code == 200:
+                        seen["ok"] += 1
+                    else:
+                        seen["bad"].append((r.status_code, r.text[:200]))
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
     try:
         yield seen
     finally:
         stop.set()
-        t.join(15)
+        for t in threads:
+            t.join(15)
 
 
 def _in_place(path: Path, data: bytes) -> None:

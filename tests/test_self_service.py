@@ -60,12 +60,12 @@ def test_state_dir_is_created_private_and_a_loose_one_is_warned_about(
     gw = gateway(config(), env=ENV)
     state = gw.config_path.parent / "state"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
-    assert "readable by group or others" not in gw.logs()
+    assert "open to group or others" not in gw.logs()
 
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o755)
     loose.chmod(0o755)
     gw2 = gateway(config(auth={"mode": "keys", "admin_key": "${HAPAX_ADMIN_KEY}", "state_dir": str(loose)}),
                   env=ENV)
-    assert f"auth.state_dir {loose} is readable by group or others (mode 755)" in gw2.logs()
+    assert f"auth.state_dir {loose} is open to group or others (mode 755)" in gw2.logs()
     assert stat.S_IMODE(loose.stat().st_mode) == 0o755  # warned about, not changed behind the operator's back
