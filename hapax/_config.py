@@ -381,6 +381,8 @@ def load_config(
         raise ConfigError(f"the file is not UTF-8 text (a bad byte at offset {exc.start})") from None
     if not text.strip():
         raise ConfigError("the file is empty")
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise ConfigError(f"invalid YAML: nested too deep (more than {MAX_FLOW_DEPTH} levels of [ or {{)")
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as exc:
@@ -396,6 +398,26 @@ def load_config(
         return parse_config(data, env=env, require_env=require_env)
     except RecursionError:
         raise ConfigError("the config is nested too deep") from None
+
+
+#: A config is about six levels deep. PyYAML's scanner is quadratic in flow nesting
+#: (5,000 levels take seconds of CPU before its RecursionError), so deeper files are
+#: refused before it runs.
+MAX_FLOW_DEPTH = 100
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest ``[``/``{`` nesting in ``text``; quotes are not parsed (brackets inside
+    strings count too, which only errs towards refusing a file no one writes)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(text):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
 
 
 class _StrictLoader(yaml.SafeLoader):
