@@ -45,6 +45,7 @@ from ._budget import BudgetDenied, BudgetGrant, BudgetLedger, BudgetScope, day_o
 from ._config import Config, ModelConfig, default_config
 from ._errors import AuthenticationFailed, PermissionDenied, QuotaExceeded, RateLimited
 from ._exchange import Exchange
+from ._files import private_dir
 from ._http import Request, Response
 from ._keys import FileKeyStore, KeyRecord, KeyStore, MemoryKeyStore, hash_secret
 from ._pricing import PriceTable, cost_usd
@@ -136,6 +137,8 @@ class AccessControl:
         self.keys: KeyStore
         self.audit: Audit
         self._usage_file: UsageFile | None = None
+        #: Permission bits of the state directory as found (``None``: no state directory).
+        self.state_dir_mode = private_dir(self.state_dir) if self.state_dir is not None else None
         if self.state_dir is not None:
             self.keys = FileKeyStore(self.state_dir / "keys")
             self._usage_file = UsageFile(self.state_dir / "usage.json")
@@ -189,6 +192,12 @@ class AccessControl:
             )
         elif self.state_dir is None:
             log.warning("auth.state_dir is unset: API keys, usage and audit live in memory and die with the process")
+        if self.state_dir_mode is not None and self.state_dir_mode & 0o077:
+            log.warning(
+                "auth.state_dir %s is open to group or others (mode %o); "
+                "it holds key hashes, usage and the audit log: chmod 700 it",
+                self.state_dir, self.state_dir_mode,
+            )
         self.audit.record(
             "gateway.started", actor="system",
             details={"auth_mode": cfg.auth.mode, "node": self.node_id,
@@ -367,6 +376,7 @@ class AccessControl:
                 if rate_scopes:
                     # Refused before the rate limits were asked: report them as they stand.
                     ex.ratelimit_headers = self.limiter.headers(tuple(rate_scopes), now=self._mono())
+                self._note_refusal(principal, model, now)
                 self._budget_refused(b, principal, ex, now)
             bgrant = b
         rgrant: RateGrant | None = None
@@ -376,6 +386,7 @@ class AccessControl:
                 if bgrant is not None:
                     self.budgets.release(bgrant)
                 ex.ratelimit_headers = r.headers
+                self._note_refusal(principal, model, now)
                 self._rate_refused(r)
             rgrant = r
             ex.ratelimit_headers = r.headers
@@ -395,6 +406,11 @@ class AccessControl:
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 return v
         return self.config.limits.output_tokens_estimate
+
+    def _note_refusal(self, principal: Principal, model: ModelConfig, now: float) -> None:
+        """A 429 for a limit or budget goes into usage too: an operator sees who hit a wall."""
+        self.ledger.refuse(day=day_of(now), key=principal.id, team=principal.team or "", model=model.name)
+        self._schedule_flush()
 
     def _rate_refused(self, d: RateDenied) -> NoReturn:
         if self.metrics is not None:
@@ -482,6 +498,17 @@ class AccessControl:
         from ._admin import handle
 
         return handle(self, req, ex)
+
+    def me(self, req: Request, ex: Exchange) -> Response:
+        """``GET /v1/me``: the caller's own key, limits, budget and usage (``hapax._admin.me``)."""
+        from ._admin import me
+
+        if self.config.auth.mode == "none" and credential(req.headers) is None:
+            who = ANONYMOUS
+        else:
+            who = self.identify(req, ex)
+        ex.principal = who.id
+        return me(self, who)
 
     def key_changed(self) -> None:
         self._bind_teams()

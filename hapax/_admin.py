@@ -14,7 +14,9 @@ lacks the permission), and every change is audited with its own event.
     PATCH  /admin/keys/{id}              manage_keys
     POST   /admin/keys/{id}/rotate       manage_keys   the new secret once; the old one stops at once
     POST   /admin/keys/{id}/revoke       manage_keys   (also DELETE /admin/keys/{id})
-    GET    /admin/usage                  read_usage    ?key=&team=&model=&from=&to=&format=json|csv
+    GET    /admin/usage                  read_usage    ?key=&team=&model=&from=&to=&group_by=&format=json|csv
+
+``{id}`` is a key's id or its name (unique among active keys; 409 when it is not).
     GET    /admin/config                 manage_config the config in force, secrets redacted
     GET    /admin/cluster                view_cluster  this node (the cluster issue adds the rest)
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -33,9 +36,9 @@ from ._access_config import Budget, RateLimits
 from ._errors import BadRequest, InvalidField, InvalidJSON, MethodNotAllowed, NotFound
 from ._exchange import Exchange
 from ._http import Request, Response
-from ._keys import KeyRecord, Role, hash_secret, hint_of, mint_secret, new_key_id
+from ._keys import KeyRecord, Role, hash_secret, hint_of, iso_utc, mint_secret, new_key_id
 from ._roles import ROLE_PERMISSIONS, Permission
-from ._usage_ledger import to_csv
+from ._usage_ledger import GROUPS, ROW_FIELDS, SUMS, group, to_csv
 
 if TYPE_CHECKING:
     from ._access import AccessControl, Principal
@@ -56,7 +59,7 @@ class KeyCreate(BaseModel):
     budget: Budget = Field(default_factory=Budget)
     max_priority: int = Field(0, ge=0, le=9)
     default_priority: int = Field(5, ge=0, le=9)
-    expires_at: float | None = Field(None, description="Unix seconds")
+    expires_at: datetime | None = Field(None, description="ISO 8601 (UTC if no offset) or Unix seconds")
     expires_in_days: float | None = Field(None, gt=0)
 
 
@@ -72,7 +75,7 @@ class KeyUpdate(BaseModel):
     budget: Budget | None = None
     max_priority: int | None = Field(None, ge=0, le=9)
     default_priority: int | None = Field(None, ge=0, le=9)
-    expires_at: float | None = None
+    expires_at: datetime | None = Field(None, description="ISO 8601 (UTC if no offset) or Unix seconds")
 
 
 Handler = Callable[["AccessControl", Request, Exchange, "Principal", str], Response]
@@ -101,10 +104,34 @@ def _validate(model: type[BaseModel], data: Any) -> Any:
         raise InvalidField(f"{loc}: {msg}", param=loc or None) from None
 
 
-def _get(ac: AccessControl, key_id: str) -> KeyRecord:
-    rec = ac.keys.get(key_id)
+def _epoch(t: datetime | None) -> float | None:
+    if t is None:
+        return None
+    return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()
+
+
+def find_key(ac: AccessControl, ref: str) -> KeyRecord | None:
+    """The key whose id is ``ref``, else the one whose name is (an active one before revoked ones).
+
+    Raises a 409 when several keys share the name: the caller must say which, by id.
+    """
+    rec = ac.keys.get(ref)
+    if rec is not None:
+        return rec
+    named = [r for r in ac.keys.all() if r.name == ref]
+    live = [r for r in named if not r.revoked] or named
+    if len(live) > 1:
+        raise InvalidField(
+            f"{len(live)} keys are named '{ref}' ({', '.join(r.id for r in live)}); name one by its id",
+            param="key", code="ambiguous_key_name", status=409,
+        )
+    return live[0] if live else None
+
+
+def _get(ac: AccessControl, ref: str) -> KeyRecord:
+    rec = find_key(ac, ref)
     if rec is None:
-        raise NotFound(f"no key with id '{key_id}'", code="key_not_found")
+        raise NotFound(f"no key with id or name '{ref}'", code="key_not_found")
     return rec
 
 
@@ -147,7 +174,7 @@ def list_keys(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: 
 def create_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
     spec: KeyCreate = _validate(KeyCreate, _body(req))
     now = ac._now()
-    expires = spec.expires_at
+    expires = _epoch(spec.expires_at)
     if spec.expires_in_days is not None:
         expires = now + spec.expires_in_days * 86400
     secret = mint_secret()
@@ -176,6 +203,8 @@ def update_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, ke
         value = getattr(spec, name)
         if name == "models":
             value = _check_models(ac, value)
+        elif name == "expires_at":
+            value = _epoch(value)
         elif value is None and name not in ("team", "expires_at"):
             raise InvalidField(f"{name} cannot be null", param=name)
         changes[name] = value
@@ -215,16 +244,98 @@ def usage(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str)
     for name, v in (("from", since), ("to", until)):
         if v is not None and not _DAY.match(v):
             raise InvalidField(f"{name} must be a day, YYYY-MM-DD", param=name)
-    rows = ac.ledger.query(key=q.get("key"), team=q.get("team"), model=q.get("model"), since=since, until=until)
+    key = q.get("key")
+    if key is not None:
+        rec = find_key(ac, key)  # a name is as good as an id
+        key = rec.id if rec is not None else key
+    by = tuple(d.strip() for d in q.get("group_by", "").split(",") if d.strip())
+    if any(d not in GROUPS for d in by) or len(set(by)) != len(by):
+        raise InvalidField(f"group_by takes a comma-separated subset of {', '.join(GROUPS)}", param="group_by")
+    rows = ac.ledger.query(key=key, team=q.get("team"), model=q.get("model"), since=since, until=until)
+    if by:
+        rows = group(rows, by)
+    if not by or "key" in by:
+        names: dict[str, str] = {}
+        for r in rows:
+            if r["key"] not in names:
+                rec = ac.keys.get(r["key"])
+                names[r["key"]] = rec.name if rec is not None else ""
+            r["key_name"] = names[r["key"]]
     fmt = q.get("format", "json")
     if fmt == "csv":
-        return Response(200, {"content-type": "text/csv; charset=utf-8"}, to_csv(rows).encode())
+        # key_name last: scripts reading the earlier columns by position keep working.
+        fields = (*(by or ROW_FIELDS[:4]), *SUMS, *(("key_name",) if not by or "key" in by else ()))
+        return Response(200, {"content-type": "text/csv; charset=utf-8"}, to_csv(rows, fields).encode())
     if fmt != "json":
         raise InvalidField("format must be json or csv", param="format")
-    totals = {k: sum(r[k] for r in rows) for k in (
-        "requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost_usd")}
+    totals = {k: sum(r[k] for r in rows) for k in SUMS}
     totals["cost_usd"] = round(totals["cost_usd"], 8)
     return _json(200, {"object": "list", "data": rows, "totals": totals})
+
+
+def me(ac: AccessControl, who: Principal) -> Response:
+    """``GET /v1/me``: the caller's own key, limits and what is left of them, budget, usage.
+
+    Any valid key may ask, about itself only: a developer sees where they stand
+    without the ``read_usage`` permission that shows everyone's.
+    """
+    from ._budget import day_of, month_of
+    from ._ratelimit import Scope
+
+    now, mono = ac._now(), ac._mono()
+    cfg = ac.config
+    rec = ac.keys.get(who.id) if who.is_key else None
+    models = sorted(who.models) if who.models is not None else [m.name for m in cfg.models]
+    scopes: list[tuple[str, str, Any, Any]] = []  # kind, id, limits, budget
+    if who.is_key:
+        scopes.append(("key", who.id, who.limits, who.budget))
+    team_cfg = cfg.teams.get(who.team) if who.team else None
+    if team_cfg is not None and who.team:
+        scopes.append(("team", who.team, team_cfg.limits, team_cfg.budget))
+    scopes.append(("global", "", cfg.limits, None))
+    today, month = day_of(now), month_of(now)
+    limits, budgets = [], []
+    for kind, id_, lim, budget in scopes:
+        if lim.any():
+            scope = Scope(kind, id_, lim)
+            h = ac.limiter.headers((scope,), now=mono)
+            entry: dict[str, Any] = {"scope": kind, "id": id_ or None}
+            if lim.requests_per_minute is not None:
+                entry["requests_per_minute"] = {"limit": lim.requests_per_minute,
+                                                "remaining": int(h["x-ratelimit-remaining-requests"]),
+                                                "reset": h["x-ratelimit-reset-requests"]}
+            if lim.tokens_per_minute is not None:
+                entry["tokens_per_minute"] = {"limit": lim.tokens_per_minute,
+                                              "remaining": int(h["x-ratelimit-remaining-tokens"]),
+                                              "reset": h["x-ratelimit-reset-tokens"]}
+            if lim.concurrent is not None:
+                in_flight = ac.limiter.in_flight(scope)
+                entry["concurrent"] = {"limit": lim.concurrent, "in_flight": in_flight,
+                                       "remaining": max(0, lim.concurrent - in_flight)}
+            limits.append(entry)
+        if budget is not None and budget.any():
+            b: dict[str, Any] = {"scope": kind, "id": id_}
+            for name, period, measure in (("daily_tokens", today, 0), ("monthly_tokens", month, 0),
+                                          ("daily_usd", today, 1), ("monthly_usd", month, 1)):
+                cap = getattr(budget, name)
+                if cap is not None:
+                    used = ac.budgets.used(kind, id_, period)[measure]  # spent plus reserved in flight
+                    b[name] = {"period": period, "cap": cap, "used": round(used, 8),
+                               "remaining": round(max(0.0, cap - used), 8)}
+            budgets.append(b)
+    summary = {}
+    for label, since in (("today", today), ("month", month + "-01")):
+        rows = ac.ledger.query(key=who.id, since=since)
+        summary[label] = {k: (round(sum(r[k] for r in rows), 8) if k == "cost_usd" else sum(r[k] for r in rows))
+                          for k in ("requests", "refused", "errors", "total_tokens", "cost_usd")}
+    return _json(200, {
+        "object": "key", "id": who.id, "name": who.name, "role": who.role, "team": who.team,
+        "created_at": iso_utc(rec.created_at) if rec else None,
+        "expires_at": iso_utc(rec.expires_at) if rec else None,
+        "last_used_at": iso_utc(rec.last_used_at) if rec else None,
+        "models": models, "limits": limits, "budget": budgets, "usage": summary,
+        "now": iso_utc(now),
+    })
 
 
 def show_config(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
@@ -249,7 +360,7 @@ def _redact_url(url: str) -> str:
 
 def cluster(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
     return _json(200, {"nodes": [{
-        "id": ac.node_id, "started_at": ac.started_at, "auth_mode": ac.config.auth.mode,
+        "id": ac.node_id, "started_at": iso_utc(ac.started_at), "auth_mode": ac.config.auth.mode,
         "state": "memory" if ac.state_dir is None else "local",
     }]})
 
@@ -269,7 +380,8 @@ ROUTES: tuple[tuple[str, str, Permission | None, Handler], ...] = (
     ("GET", "/admin/cluster", Permission.VIEW_CLUSTER, cluster),
 )
 
-_ID = r"(key_[0-9a-f]{16})"
+#: A key id or a key name (URL-encoded by the client; the front door decodes the path).
+_ID = r"([^/]+)"
 _COMPILED = [
     (method, re.compile("^" + pattern.replace("{id}", _ID) + "$"), perm, fn)
     for method, pattern, perm, fn in ROUTES

@@ -11,11 +11,13 @@ Units are in field names or docstrings: seconds unless ``_ms``/``_bytes``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -192,26 +194,84 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:
-        seen: dict[str, str] = {}
-        for i, m in enumerate(self.models):
-            for dep in m.deployments:
-                if dep.provider not in self.providers:
-                    raise ValueError(
-                        f"models[{i}] ({m.name}): unknown provider {dep.provider!r}; "
-                        f"defined: {sorted(self.providers)}"
-                    )
-            for public in (m.name, *m.aliases):
-                if public in seen:
-                    raise ValueError(f"models[{i}]: name {public!r} is already used by {seen[public]!r}")
-                seen[public] = m.name
+        found = _cross_findings(
+            [(i, m.name, m.aliases, tuple(d.provider for d in m.deployments)) for i, m in enumerate(self.models)],
+            set(self.providers),
+            keys_without_a_way_in=self.auth.mode == "keys" and self.auth.admin_key is None
+            and self.auth.state_dir is None,
+        )
+        if found:
+            raise ValueError("\n".join(found))  # one finding per line: parse_config splits them
         return self
+
+
+def _cross_findings(
+    models: list[tuple[int, str, tuple[str, ...], tuple[str, ...]]],
+    providers: set[str] | None,
+    *,
+    keys_without_a_way_in: bool,
+) -> list[str]:
+    """Checks across sections, on (index, name, aliases, providers used) per model.
+
+    Shared by the validator and by ``parse_config`` when other keys are invalid too,
+    so one run of ``hapax config validate`` reports these with the rest.
+    """
+    found: list[str] = []
+    seen: dict[str, str] = {}
+    for i, name, aliases, used in models:
+        for provider in used:
+            if providers is not None and provider not in providers:
+                found.append(f"models[{i}] ({name}): unknown provider {provider!r}; defined: {sorted(providers)}")
+        for public in (name, *aliases):
+            if public in seen:
+                found.append(f"models[{i}]: name {public!r} is already used by {seen[public]!r}")
+            seen[public] = name
+    if keys_without_a_way_in:
+        # No admin key to mint keys with and no store the CLI could mint into:
+        # every call would be refused, forever.
+        found.append(
+            "auth: mode keys needs auth.admin_key or auth.state_dir (a key store); "
+            "with neither, no key can ever be made"
+        )
+    return found
+
+
+def _raw_cross_findings(data: dict[str, Any]) -> list[str]:
+    """``_cross_findings`` on a document that failed validation: whatever parts have the right shape."""
+
+    def strs(v: Any) -> tuple[str, ...]:
+        return tuple(x for x in v if isinstance(x, str)) if isinstance(v, list | tuple) else ()
+
+    raw_providers = data.get("providers")
+    providers = {str(k) for k in raw_providers} if isinstance(raw_providers, dict) else None
+    models = []
+    raw_models = data.get("models")
+    for i, m in enumerate(raw_models if isinstance(raw_models, list) else ()):
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            continue
+        used = strs([m.get("provider")])
+        deps = m.get("deployments")
+        used += strs([d.get("provider") for d in deps if isinstance(d, dict)] if isinstance(deps, list) else [])
+        models.append((i, m["name"], strs(m.get("aliases")), used))
+    auth = data.get("auth") if isinstance(data.get("auth"), dict) else {}
+    assert isinstance(auth, dict)
+    return _cross_findings(models, providers, keys_without_a_way_in=auth.get("mode") == "keys"
+                           and auth.get("admin_key") is None and auth.get("state_dir") is None)
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+#: Stands for a value whose environment variable is unset: its key is left out, so the
+#: rest of the document can still be checked (and the CLI can work without the secret).
+_MISSING: Any = object()
 
-def _expand(value: Any, env: Mapping[str, str], path: str) -> Any:
+#: Problems reported in one run; a file with more has a bigger problem than its details.
+MAX_PROBLEMS = 50
+
+
+def _expand(value: Any, env: Mapping[str, str], path: str, missing: list[tuple[str, str]]) -> Any:
     if isinstance(value, str):
+        unset: list[str] = []
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
@@ -219,13 +279,20 @@ def _expand(value: Any, env: Mapping[str, str], path: str) -> Any:
                 return env[name]
             if default is not None:
                 return default
-            raise ConfigError(f"environment variable {name} is not set", path=path)
+            unset.append(name)
+            return ""
 
-        return _VAR.sub(sub, value)
+        out = _VAR.sub(sub, value) if "$" in value else value
+        if unset:
+            missing.extend((path, f"environment variable {name} is not set") for name in unset)
+            return _MISSING
+        return out
     if isinstance(value, dict):
-        return {k: _expand(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        items = ((k, _expand(v, env, f"{path}.{k}" if path else str(k), missing)) for k, v in value.items())
+        return {k: v for k, v in items if v is not _MISSING}
     if isinstance(value, list):
-        return [_expand(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [v for v in (_expand(v, env, f"{path}[{i}]", missing) for i, v in enumerate(value))
+                if v is not _MISSING]
     return value
 
 
@@ -239,47 +306,218 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def parse_config(data: Any, *, env: Mapping[str, str] | None = None) -> Config:
-    """Validate a loaded YAML document; raise ``ConfigError`` naming the first bad key."""
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The config class found at ``loc`` (``("models", 0)`` is ``ModelConfig``), if any."""
+    tp: Any = Config
+    for part in loc:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if not isinstance(part, str) or part not in tp.model_fields:
+                return None
+            tp = tp.model_fields[part].annotation
+        else:
+            tp = _element(tp)
+        tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X | None`` is ``X``."""
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) in (Union, UnionType) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _element(tp: Any) -> Any:
+    """The type of an item of ``tuple[X, ...]``, ``list[X]`` or the value of ``dict[str, X]``."""
+    args = get_args(tp)
+    if not args:
+        return None
+    return args[0] if get_origin(tp) is tuple else args[-1]
+
+
+def _suggest(loc: tuple[int | str, ...]) -> str:
+    model = _model_at(loc[:-1])
+    if model is None or not isinstance(loc[-1], str):
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _problems(err: Any) -> list[tuple[str, str]]:
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return [(_loc(loc), "unknown key" + _suggest(loc))]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "missing":
+        msg = "required key is missing"
+    # A cross-check reports each of its findings on a line of its own.
+    return [(_loc(loc), line) for line in msg.split("\n")]
+
+
+def parse_config(
+    data: Any, *, env: Mapping[str, str] | None = None, require_env: bool = True
+) -> Config:
+    """Validate a loaded YAML document; raise ``ConfigError`` listing every problem found.
+
+    ``require_env=False`` leaves out the values whose environment variables are unset
+    instead of failing (the local ``hapax keys`` commands need no secrets).
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError("the config must be a mapping at the top level")
-    expanded = _expand(data, os.environ if env is None else env, "")
+        raise ConfigError("the config must be a mapping (key: value lines) at the top level")
+    missing: list[tuple[str, str]] = []
+    expanded = _expand(data, os.environ if env is None else env, "", missing)
+    problems = list(missing) if require_env else []
     try:
-        return Config.model_validate(expanded)
+        cfg = Config.model_validate(expanded)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        raise ConfigError(msg.removeprefix("Value error, "), path=_loc(err["loc"])) from None
+        unset = {p for p, _ in missing}
+        for err in exc.errors():
+            # A key left out for its unset variable is already reported once.
+            problems.extend(p for p in _problems(err) if p[0] not in unset)
+        if not any(err["loc"] == () for err in exc.errors()):  # the cross-check did not run
+            problems.extend(("", f) for f in _raw_cross_findings(expanded))
+        cfg = None
+    if problems:
+        problems = problems[:MAX_PROBLEMS]
+        raise ConfigError(problems[0][1], path=problems[0][0], problems=problems) from None
+    assert cfg is not None
+    return cfg
 
 
-def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | Path, *, env: Mapping[str, str] | None = None, require_env: bool = True
+) -> Config:
+    """Read, parse and validate a config file; any problem is a ``ConfigError``, never another exception.
+
+    An empty file (or one of only comments) is an error rather than an empty config:
+    a file caught mid-write must not replace a good config with one that has no models.
+    """
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the file is not UTF-8 text (a bad byte at offset {exc.start})") from None
+    if not text.strip():
+        raise ConfigError("the file is empty")
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise ConfigError(f"invalid YAML: nested too deep (more than {MAX_FLOW_DEPTH} levels of [ or {{)")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {_yaml_problem(exc)}") from None
-    return parse_config(data, env=env)
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deep") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # PyYAML's constructors raise these for values such as a date 2024-13-45.
+        raise ConfigError(f"invalid YAML value: {exc}") from None
+    if data is None:
+        raise ConfigError("the file holds no settings (only comments or blank lines)")
+    try:
+        return parse_config(data, env=env, require_env=require_env)
+    except RecursionError:
+        raise ConfigError("the config is nested too deep") from None
+
+
+#: A config is about six levels deep. PyYAML's scanner is quadratic in flow nesting
+#: (5,000 levels take seconds of CPU before its RecursionError), so deeper files are
+#: refused before it runs.
+MAX_FLOW_DEPTH = 100
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest ``[``/``{`` nesting in ``text``; quotes are not parsed (brackets inside
+    strings count too, which only errs towards refusing a file no one writes)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(text):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last one silently: a second ``providers:`` block would throw
+    the first away without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            # Plain keys only; a '<<' merge may be overridden by the mapping's own keys, by design.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key_node.value!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+#: PyYAML's wording, said the way an operator reads it.
+_YAML_WORDS = {
+    "mapping values are not allowed here": "a ':' where no key can start (a value with ': ' needs quotes, "
+    "or the indentation is off)",
+    "found character '\\t' that cannot start any token": "a tab: YAML indents with spaces",
+    "could not find expected ':'": "a key without ':' (or an unclosed quote)",
+    "found unexpected end of stream": "the file ends inside a quote or bracket",
+    "expected <block end>, but found '<block sequence start>'": "a list item ('- ') indented differently "
+    "from the items before it",
+    "expected ',' or '}', but got '<stream end>'": "a '{' is never closed",
+    "expected ',' or ']', but got '<stream end>'": "a '[' is never closed",
+    "found undefined alias": "an alias (*name) with no anchor (&name)",
+}
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """What is wrong and where, without PyYAML's quote of the offending line.
+    """Where and what is wrong (``line 3, column 8: ...``), without PyYAML's quote of the line.
 
     That quote goes to the log (a rejected reload) and may hold a literal api_key.
     """
     if not isinstance(exc, yaml.MarkedYAMLError):
         return type(exc).__name__
-    what = " ".join(p for p in (exc.context, exc.problem) if p) or "syntax error"
+    problem = exc.problem or ""
+    for words, plain in _YAML_WORDS.items():
+        if problem.startswith(words):
+            problem = plain
+            break
+    what = problem or "syntax error"
+    if exc.context:
+        what += f" ({exc.context})"
     mark = exc.problem_mark or exc.context_mark
     if mark is not None:
-        what += f" (line {mark.line + 1}, column {mark.column + 1})"
+        what = f"line {mark.line + 1}, column {mark.column + 1}: {what}"
     return what
+
+
+def config_findings(cfg: Config) -> list[tuple[Literal["error", "warning"], str]]:
+    """What makes a valid config unlikely to do what its author wants, as (severity, message).
+
+    Not raised by ``load_config``: the embedded default, tests and a node being emptied on
+    purpose build such configs, and a reload must not be refused for them. ``hapax config
+    validate`` exits 1 on an ``error`` (and on a ``warning`` with ``--strict``); ``hapax
+    serve`` logs every finding as a warning at start-up and on each reload.
+    """
+    out: list[tuple[Literal["error", "warning"], str]] = []
+    if not cfg.models:
+        out.append(("error", "models: none configured; every model call would answer 404"))
+    if cfg.auth.mode == "keys" and cfg.auth.state_dir is None:
+        out.append(("warning", "auth.state_dir: unset with auth.mode keys; API keys, usage and audit "
+                               "live in memory and die with the process"))
+    if cfg.auth.mode == "none":
+        out.append(("warning", "auth.mode: none; anyone who can reach the port can call every model"))
+    return out
 
 
 def default_config() -> Config:

@@ -207,9 +207,14 @@ class InternalError(HapaxError):
 
 
 class ConfigError(Exception):
-    """A config file that cannot be used; ``path`` names the key (``providers.x.base_url``)."""
+    """A config file that cannot be used; ``path`` names the key (``providers.x.base_url``).
 
-    def __init__(self, message: str, *, path: str = "") -> None:
-        super().__init__(f"{path}: {message}" if path else message)
+    ``problems`` holds every problem found, as ``(path, message)`` pairs, first one
+    first; ``str(exc)`` joins them, so a rejected reload's one log line says it all.
+    """
+
+    def __init__(self, message: str, *, path: str = "", problems: list[tuple[str, str]] | None = None) -> None:
+        self.problems = problems or [(path, message)]
+        super().__init__("; ".join(f"{p}: {m}" if p else m for p, m in self.problems))
         self.path = path
         self.reason = message

@@ -43,3 +43,21 @@ def locked(lock_path: Path) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def private_dir(path: Path) -> int:
+    """Make sure directory ``path`` exists; a new one is ``0700`` (owner only).
+
+    Returns the permission bits of an existing directory, so the caller can warn
+    when group or others may read what it holds (keys' hashes, usage, audit).
+    """
+    try:
+        path.mkdir(mode=0o700)  # not parents=True: that would create the directory itself 0755 too
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(path, 0o700)  # the umask may have taken bits away, never added them; be exact
+    return path.stat().st_mode & 0o777

@@ -263,7 +263,7 @@ class Gateway:
     def _builtin(self, req: Request, ex: Exchange) -> Response:
         path = req.path
         if path in (
-            "/health/live", "/health/ready", "/metrics", "/v1/models", "/v1/health/providers"
+            "/health/live", "/health/ready", "/metrics", "/v1/models", "/v1/health/providers", "/v1/me"
         ) or path.startswith("/v1/models/"):
             if req.method not in ("GET", "HEAD"):
                 raise MethodNotAllowed(f"{path} accepts GET only")
@@ -278,6 +278,8 @@ class Gateway:
             # it needs "view cluster", like /admin/cluster; with none it stays open.
             self.access.authorize(req, ex, Permission.VIEW_CLUSTER)
             return _json(200, self.dispatcher.snapshot(self.runtime))
+        if path == "/v1/me":
+            return self.access.me(req, ex)
         if path == "/metrics":
             return Response(
                 200,
@@ -517,6 +519,8 @@ def _route_name(path: str) -> str:
         return "health"
     if path == "/metrics":
         return "metrics"
+    if path == "/v1/me":
+        return "me"
     return "unknown"
 
 

@@ -30,6 +30,7 @@ import hmac
 import os
 import secrets
 from abc import ABC, abstractmethod
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,10 +100,23 @@ class KeyRecord(BaseModel):
         return self.expires_at is not None and now >= self.expires_at
 
     def public(self) -> dict[str, Any]:
-        """What the admin API shows: everything but the hash."""
+        """What the admin API shows: everything but the hash; times as ISO 8601 UTC."""
         out = self.model_dump(mode="json", exclude={"hash"})
+        for name in _TIMES:
+            out[name] = iso_utc(out[name])
         out["revoked"] = self.revoked
         return out
+
+
+#: Stored as Unix seconds (cheap to compare on the hot path), shown as ISO 8601.
+_TIMES = ("expires_at", "created_at", "last_used_at", "rotated_at", "revoked_at")
+
+
+def iso_utc(t: float | None) -> str | None:
+    """``2026-12-01T13:05:09Z``: what people and log tools read; ``None`` stays ``None``."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def hint_of(secret: str) -> str:

@@ -23,14 +23,16 @@ from ._budget import day_of
 from ._files import atomic_write
 
 ROW_FIELDS = (
-    "day", "key", "team", "model", "requests", "errors",
+    "day", "key", "team", "model", "requests", "refused", "errors",
     "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost_usd",
 )
 
 
 @dataclass(slots=True)
 class UsageRow:
+    #: Calls admitted and settled; a refusal (429 for a limit or budget) is counted in ``refused``.
     requests: int = 0
+    refused: int = 0
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -60,6 +62,15 @@ class UsageLedger:
         r.completion_tokens += completion
         r.cached_tokens += cached
         r.cost_usd += cost
+        self.dirty = True
+
+    def refuse(self, *, day: str, key: str, team: str, model: str) -> None:
+        """A call refused by a rate limit or budget: it cost nothing, but the caller hit a wall."""
+        k = (day, key, team, model)
+        r = self.rows.get(k)
+        if r is None:
+            r = self.rows[k] = UsageRow()
+        r.refused += 1
         self.dirty = True
 
     def query(
@@ -98,18 +109,40 @@ class UsageLedger:
         for row in doc.get("rows", []):
             k = (row["day"], row["key"], row["team"], row["model"])
             self.rows[k] = UsageRow(
-                requests=int(row["requests"]), errors=int(row.get("errors", 0)),
+                requests=int(row["requests"]), refused=int(row.get("refused", 0)),
+                errors=int(row.get("errors", 0)),
                 prompt_tokens=int(row["prompt_tokens"]), completion_tokens=int(row["completion_tokens"]),
                 cached_tokens=int(row.get("cached_tokens", 0)), cost_usd=float(row["cost_usd"]),
             )
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
+#: What rows can be grouped by; the other dimensions are summed over.
+GROUPS = ("day", "key", "team", "model")
+SUMS = ("requests", "refused", "errors", "prompt_tokens", "completion_tokens", "cached_tokens",
+        "total_tokens", "cost_usd")
+
+
+def group(rows: list[dict[str, Any]], by: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``rows`` summed per distinct value of the ``by`` dimensions (a subset of ``GROUPS``)."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        k = tuple(r[d] for d in by)
+        g = out.get(k)
+        if g is None:
+            g = out[k] = {**{d: r[d] for d in by}, **dict.fromkeys(SUMS, 0)}
+        for f in SUMS:
+            g[f] += r[f]
+    for g in out.values():
+        g["cost_usd"] = round(g["cost_usd"], 8)
+    return [out[k] for k in sorted(out)]
+
+
+def to_csv(rows: list[dict[str, Any]], fields: tuple[str, ...] = ROW_FIELDS) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=ROW_FIELDS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: r[k] for k in ROW_FIELDS})
+        w.writerow(r)
     return buf.getvalue()
 
 

@@ -1,11 +1,15 @@
-"""``hapax keys ...`` and ``hapax audit verify``.
+"""``hapax keys ...``, ``hapax usage`` and ``hapax audit verify``.
+
+A key is named by its id or by its name (unique among active keys).
 
 Key commands work in one of two ways, chosen per call:
 
 - local (default): on the key store in the state directory (``--state-dir``,
   or ``auth.state_dir`` of ``--config``). It needs no running node and no
   admin key, only file access to the state directory, so it is how the first
-  keys are made. A running node sees the change on its next request.
+  keys are made. A running node sees the change on its next request. The
+  config is read without its secrets: a value whose environment variable is
+  unset (``admin_key: ${HAPAX_ADMIN_KEY}``) is left out rather than an error.
 - remote (``--url``): through a node's admin API with an admin key
   (``--admin-key`` or ``HAPAX_ADMIN_KEY``). Use this for a node on another
   machine, or a cluster.
@@ -25,6 +29,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 
@@ -71,8 +76,22 @@ def add_parsers(sub: Any) -> None:
                            ("rotate", "replace a key's secret; prints the new one once")):
         p = ksub.add_parser(name, help=helptext)
         common(p)
-        p.add_argument("key_id")
+        p.add_argument("key_id", metavar="KEY", help="the key's id or its name")
     ksub.add_parser("generate", help="print a random secret, e.g. for auth.admin_key")
+
+    u = sub.add_parser("usage", help="usage by key, team, model and day (local store, or --url)")
+    u.add_argument("--config", "-c", type=Path, help="config file whose auth.state_dir holds the usage")
+    u.add_argument("--state-dir", type=Path, help="state directory (overrides --config)")
+    u.add_argument("--url", help="a node's base URL: go through its admin API instead")
+    u.add_argument("--admin-key", help="admin key for --url (default: $HAPAX_ADMIN_KEY)")
+    u.add_argument("--key", help="one key, by id or name")
+    u.add_argument("--team")
+    u.add_argument("--model", help="public model name")
+    u.add_argument("--from", dest="since", metavar="YYYY-MM-DD", help="first day (UTC), inclusive")
+    u.add_argument("--to", dest="until", metavar="YYYY-MM-DD", help="last day (UTC), inclusive")
+    u.add_argument("--by", default="day,key,team,model",
+                   help="comma-separated: what rows are per, of day,key,team,model (default: all four)")
+    u.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     a = sub.add_parser("audit", help="audit log tools")
     asub = a.add_subparsers(dest="audit_command", required=True)
@@ -81,26 +100,70 @@ def add_parsers(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Errors raise (``ConfigError`` and the like); ``hapax``'s main prints them as one line."""
     if args.command == "audit":
         return _verify(args.path)
+    if args.command == "usage":
+        return _usage(args)
     if args.keys_command == "generate":
         print("hpx_admin_" + secrets.token_urlsafe(32))
         return 0
     method, path, body, query = _request(args)
-    try:
-        if args.url:
-            status, out = _remote(args, method, path, body, query)
-        else:
-            status, out = _local(args, method, path, body, query)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    status, out = _call(args, method, path, body, query)
     if status >= 400:
-        err = out.get("error", {}) if isinstance(out, dict) else {}
-        print(f"error: {err.get('message', out)}", file=sys.stderr)
-        return 1
+        return _failed(out)
     _print(args, out)
     return 0
+
+
+def _call(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None, query: dict[str, str]
+) -> tuple[int, Any]:
+    if args.url:
+        return _remote(args, method, path, body, query)
+    return _local(args, method, path, body, query)
+
+
+def _failed(out: Any) -> int:
+    err = out.get("error", {}) if isinstance(out, dict) else {}
+    message = err.get("message", out) if isinstance(err, dict) else err
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _usage(args: argparse.Namespace) -> int:
+    q = {k: v for k, v in (("key", args.key), ("team", args.team), ("model", args.model),
+                           ("from", args.since), ("to", args.until)) if v}
+    q["group_by"] = args.by
+    if args.format == "csv":
+        q["format"] = "csv"
+    status, out = _call(args, "GET", "/admin/usage", None, q)
+    if status >= 400:
+        return _failed(out)
+    if args.format == "csv":
+        sys.stdout.write(out)
+    elif args.format == "json":
+        sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _usage_table(out["data"], out["totals"], [d.strip() for d in args.by.split(",") if d.strip()])
+    return 0
+
+
+def _usage_table(rows: list[dict[str, Any]], totals: dict[str, Any], by: list[str]) -> None:
+    def cell(r: dict[str, Any], d: str) -> str:
+        v = str(r[d] or "-")
+        return f"{r['key_name']} ({v})" if d == "key" and r.get("key_name") else v
+
+    table = [[d.upper() for d in by] + ["REQUESTS", "REFUSED", "ERRORS", "TOKENS", "COST_USD"]]
+    total_dims = ["TOTAL", *[""] * (len(by) - 1)] if by else []
+    for r, dims in [*((r, [cell(r, d) for d in by]) for r in rows), (totals, total_dims)]:
+        nums = (r["requests"], r["refused"], r["errors"], r["total_tokens"])
+        table.append([*dims, *(str(n) for n in nums), f"{r['cost_usd']:.6f}"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        # Dimensions to the left, numbers to the right, as a spreadsheet shows them.
+        print("  ".join(c.ljust(w) if i < len(by) else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
 
 
 def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None, dict[str, str]]:
@@ -125,11 +188,12 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None,
         if args.team:
             q["team"] = args.team
         return "GET", "/admin/keys", None, q
+    ref = args.key_id
     if cmd == "show":
-        return "GET", f"/admin/keys/{args.key_id}", None, {}
+        return "GET", f"/admin/keys/{ref}", None, {}
     if cmd == "revoke":
-        return "POST", f"/admin/keys/{args.key_id}/revoke", None, {}
-    return "POST", f"/admin/keys/{args.key_id}/rotate", None, {}
+        return "POST", f"/admin/keys/{ref}/revoke", None, {}
+    return "POST", f"/admin/keys/{ref}/rotate", None, {}
 
 
 def _local(
@@ -139,7 +203,8 @@ def _local(
 
     from .server import state_dir
 
-    cfg = load_config(args.config) if args.config else default_config()
+    # No secrets needed here: an unset ${HAPAX_ADMIN_KEY} is left out, not an error.
+    cfg = load_config(args.config, require_env=False) if args.config else default_config()
     sdir = args.state_dir or state_dir(cfg, args.config)
     if sdir is None:
         raise ConfigError("no state directory: pass --state-dir, or --config with auth.state_dir set")
@@ -159,8 +224,10 @@ def _local(
                 return exc.status, {"error": {"message": exc.message, "code": exc.code}}
             finally:
                 ac.flush()
+            if resp.headers.get("content-type", "").startswith("text/csv"):
+                return resp.status, resp.body.decode()
             return resp.status, orjson.loads(resp.body)
-    raise AssertionError(f"no admin route for {method} {path}")
+    raise ConfigError(f"no such command: {method} {path}")
 
 
 def _remote(
@@ -169,7 +236,8 @@ def _remote(
     key = args.admin_key or os.environ.get("HAPAX_ADMIN_KEY")
     if not key:
         raise ConfigError("--url needs an admin key: --admin-key or $HAPAX_ADMIN_KEY")
-    url = args.url.rstrip("/") + path
+    # A key named by its name may hold anything a URL path cannot.
+    url = args.url.rstrip("/") + quote(path)
     if query:
         from urllib.parse import urlencode
 
@@ -179,11 +247,25 @@ def _remote(
         "authorization": f"Bearer {key}", "content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, orjson.loads(resp.read())
+            raw = resp.read()
+            if resp.headers.get("content-type", "").startswith("text/csv"):
+                return resp.status, raw.decode()
+            return resp.status, _json_or_text(raw)
     except urllib.error.HTTPError as exc:
-        return exc.code, orjson.loads(exc.read() or b"{}")
+        return exc.code, _json_or_text(exc.read() or b"{}")
     except urllib.error.URLError as exc:
         raise ConfigError(f"cannot reach {args.url}: {exc.reason}") from None
+    except (TimeoutError, ConnectionError) as exc:
+        raise ConfigError(f"cannot reach {args.url}: {exc}") from None
+    except ValueError as exc:  # a malformed --url
+        raise ConfigError(f"bad --url {args.url!r}: {exc}") from None
+
+
+def _json_or_text(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {"error": {"message": f"not a Hapax answer: {raw[:200].decode(errors='replace')!r}"}}
 
 
 def _print(args: argparse.Namespace, out: Any) -> None:
@@ -192,11 +274,12 @@ def _print(args: argparse.Namespace, out: Any) -> None:
         return
     if args.keys_command == "list":
         rows = out["data"]
-        print(f"{'ID':<22} {'NAME':<20} {'TEAM':<12} {'ROLE':<10} {'HINT':<14} STATUS")
+        print(f"{'ID':<22} {'NAME':<20} {'TEAM':<12} {'ROLE':<10} {'HINT':<14} {'CREATED':<20} "
+              f"{'LAST USED':<20} STATUS")
         for r in rows:
             status = "revoked" if r["revoked"] else "active"
             print(f"{r['id']:<22} {r['name'][:20]:<20} {(r['team'] or '-')[:12]:<12} {r['role']:<10} "
-                  f"{r['hint']:<14} {status}")
+                  f"{r['hint']:<14} {r['created_at'] or '-':<20} {r['last_used_at'] or '-':<20} {status}")
         return
     if "key" in out:
         print(out["key"])

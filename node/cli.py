@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import orjson
 
-from hapax import ConfigError, __version__, config_schema, default_config, load_config
+from hapax import ConfigError, HapaxError, __version__, config_schema, default_config, load_config
+from hapax._config import config_findings
 
 from . import access_cli
 
@@ -23,36 +25,52 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="override server.port")
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
-    v = csub.add_parser("validate", help="check a config file; exit 1 naming the bad key")
+    v = csub.add_parser("validate", help="check a config file; print every problem, exit 1 if any")
     v.add_argument("file", type=Path)
+    v.add_argument("--strict", action="store_true", help="fail on warnings too (no models, auth off, ...)")
     csub.add_parser("schema", help="print the config's JSON Schema")
     access_cli.add_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure is one ``error: ...`` line on stderr and exit 1."""
     args = _parser().parse_args(argv)
-    if args.command in ("keys", "audit"):
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        for line in _problem_lines(exc):
+            print(f"error: {line}", file=sys.stderr)
+    except HapaxError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: still one line, with the traceback on request
+        if os.environ.get("HAPAX_DEBUG"):
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {exc}); set HAPAX_DEBUG=1 for the traceback",
+              file=sys.stderr)
+    return 1
+
+
+def _problem_lines(exc: ConfigError) -> list[str]:
+    return [f"{p}: {m}" if p else m for p, m in exc.problems]
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command in ("keys", "audit", "usage"):
         return access_cli.run(args)
     if args.command == "config":
         if args.config_command == "schema":
             sys.stdout.write(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
             return 0
-        try:
-            cfg = load_config(args.file)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        print(f"ok: {len(cfg.providers)} providers, {len(cfg.models)} models")
-        return 0
+        return _validate(args.file, strict=args.strict)
     if args.command == "serve":
         from .server import serve
 
-        try:
-            cfg = load_config(args.config) if args.config else default_config()
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+        cfg = load_config(args.config) if args.config else default_config()
         overrides = {}
         if args.host:
             overrides["host"] = args.host
@@ -63,3 +81,24 @@ def main(argv: list[str] | None = None) -> int:
         serve(cfg, config_path=args.config)
         return 0
     return 2
+
+
+def _validate(path: Path, *, strict: bool) -> int:
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        lines = _problem_lines(exc)
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        print(f"{path}: {len(lines)} error{'s' if len(lines) > 1 else ''}", file=sys.stderr)
+        return 1
+    findings = config_findings(cfg)
+    for level, msg in findings:
+        print(f"{level}: {msg}", file=sys.stderr)
+    summary = f"{len(cfg.providers)} providers, {len(cfg.models)} models"
+    errors = sum(1 for level, _ in findings if level == "error")
+    if errors or (strict and findings):
+        print(f"{path}: {errors} error(s), {len(findings) - errors} warning(s)", file=sys.stderr)
+        return 1
+    print(f"ok: {summary}" + (f" ({len(findings)} warning(s))" if findings else ""))
+    return 0

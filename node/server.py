@@ -22,6 +22,7 @@ from aiohttp import web
 
 from hapax import Config, ConfigError, Gateway, HapaxError, Request, load_config
 from hapax._access import AccessControl
+from hapax._config import config_findings
 from hapax._errors import PayloadTooLarge
 
 from . import logs
@@ -105,7 +106,7 @@ class Node:
         self._stop = asyncio.Event()
         self._reload_now = asyncio.Event()
         self._runner: web.ServerRunner | None = None
-        self._file_stamp: tuple[int, int] | None = None
+        self._file_stamp: tuple[int, int, int, int] | None = None
         self.addresses: list[str] = []
 
     async def start(self) -> None:
@@ -154,33 +155,73 @@ class Node:
         log.info("stopped", extra={"fields": {"abandoned_requests": left}})
 
     async def _watch_config(self) -> None:
+        """Poll the config file (and answer SIGHUP) until cancelled; nothing else stops it.
+
+        A watcher that dies takes reloads with it, silently, until a restart: so every
+        failure of one round is logged, counted as a failed reload, and the loop goes on.
+        """
         if self.config_path is None:
             return
         while True:
-            interval = self.gateway.runtime.config.server.reload_interval
             try:
-                await asyncio.wait_for(self._reload_now.wait(), interval)
-                forced = True
-            except TimeoutError:
-                forced = False
-            self._reload_now.clear()
-            stamp = _stamp(self.config_path)
-            if forced or stamp != self._file_stamp:
-                self._file_stamp = stamp
-                self.reload()
+                await self._watch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.gateway.metrics.config_reloads.inc("failure")
+                log.exception("config watcher failed; keeping the last good config and watching on")
+                # Pace a fault that repeats every round: one log line per interval, not a spin.
+                await asyncio.sleep(self.gateway.runtime.config.server.reload_interval)
+
+    async def _watch_once(self) -> None:
+        assert self.config_path is not None
+        interval = self.gateway.runtime.config.server.reload_interval
+        try:
+            await asyncio.wait_for(self._reload_now.wait(), interval)
+            forced = True
+        except TimeoutError:
+            forced = False
+        self._reload_now.clear()
+        stamp = _stamp(self.config_path)
+        if not forced and stamp == self._file_stamp:
+            return
+        if not forced:
+            # A writer that rewrites the file in place is caught mid-write by a poll; wait
+            # for the stamp to hold still a moment, so a half-written file is read rarely
+            # (and rejected by validation when it is).
+            await asyncio.sleep(min(_SETTLE_S, interval))
+            again = _stamp(self.config_path)
+            if again != stamp:
+                return  # still changing: the next round looks again
+        self._file_stamp = stamp
+        # Parsing is CPU work (a large file, a deep one): off the event loop.
+        result = await asyncio.to_thread(self._load)
+        self._apply(result)
 
     def reload(self) -> bool:
+        """Load the config file and apply it now; ``False`` (last good kept) when it is invalid."""
+        return self._apply(self._load())
+
+    def _load(self) -> Config | ConfigError:
         assert self.config_path is not None
-        m = self.gateway.metrics
         try:
-            cfg = load_config(self.config_path)
+            return load_config(self.config_path)
         except ConfigError as exc:
+            return exc
+        except Exception as exc:  # load_config should raise nothing else; if it does, still keep serving
+            log.exception("config reload failed unexpectedly")
+            return ConfigError(f"unexpected {type(exc).__name__} while loading")
+
+    def _apply(self, result: Config | ConfigError) -> bool:
+        m = self.gateway.metrics
+        if isinstance(result, ConfigError):
             m.config_reloads.inc("failure")
             log.error(
                 "config reload rejected; keeping the last good config",
-                extra={"fields": {"path": str(self.config_path), "error": str(exc)}},
+                extra={"fields": {"path": str(self.config_path), "error": str(result)}},
             )
             return False
+        cfg = result
         old = self.gateway.runtime.config
         if (cfg.server.host, cfg.server.port) != (old.server.host, old.server.port):
             log.warning("server.host/port changes take effect on restart only")
@@ -188,15 +229,30 @@ class Node:
         rt = self.gateway.apply(cfg)
         m.config_reloads.inc("success")
         log.info("config reloaded", extra={"fields": {"generation": rt.generation}})
+        log_findings(cfg)
         return True
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
+#: How long a changed config file must hold still before it is read, seconds.
+_SETTLE_S = 0.1
+
+
+def log_findings(cfg: Config) -> None:
+    """Log what ``hapax config validate`` would flag in a config that is valid."""
+    for _level, msg in config_findings(cfg):
+        if not msg.startswith("auth.mode: none"):  # AccessControl says that one, louder
+            log.warning("config: %s", msg)
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int] | None:
+    """What changes when the file does. ``stat`` follows symlinks, so a Kubernetes
+    ConfigMap update (the ``..data`` symlink swapped to a new directory) changes the
+    inode and device even when size and mtime happen to match."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_mtime_ns, st.st_size)
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
 
 
 def state_dir(config: Config, config_path: Path | None) -> Path | None:
@@ -212,6 +268,7 @@ def state_dir(config: Config, config_path: Path | None) -> Path | None:
 
 def serve(config: Config, *, config_path: Path | None = None) -> None:
     logs.configure(config.logging)
+    log_findings(config)
     if config_path is None:
         log.warning("no --config given: serving the embedded demo (mock provider, memory state)")
     try:
