@@ -50,6 +50,8 @@ log = logging.getLogger("hapax.node")
 
 #: The Server header of every response: no product versions for scanners to match.
 SERVER_HEADER: Final = "hapax"
+#: Seconds a refused connection stays half-open, so its client reads the 503 cleanly.
+_REFUSE_LINGER: Final = 1.0
 #: Seconds between two log lines about the same kind of close; the counter counts them all.
 _LOG_EVERY: Final = 10.0
 
@@ -137,8 +139,10 @@ class Listener(web.Server):
                 h.force_close()
                 self.closed("idle_evicted", "connection limit reached: closed the oldest idle connection")
                 return
-        transport.write(_REFUSED)
-        newcomer.force_close()
+        if isinstance(newcomer, GuardedHandler):
+            newcomer.refuse()
+        else:
+            newcomer.force_close()
         self.closed("refused", "connection limit reached and none idle: refused a connection with 503")
 
     def closed(self, reason: str, message: str) -> None:
@@ -190,12 +194,32 @@ class GuardedHandler(RequestHandler):
         """No request is being read or answered: closing now loses nothing but a socket."""
         return not (self._request_in_progress or self._messages or self._force_close or self._close)
 
+    def refuse(self) -> None:
+        """Answer 503 ``too_many_connections`` before any request, and close."""
+        transport = self.transport
+        if transport is None:
+            return
+        self._force_close = True  # aiohttp reads and answers nothing more here
+        if self._waiter is not None:
+            self._waiter.cancel()
+        transport.write(_REFUSED)
+        # Half-close, then close a moment later: closing at once, with the client's request
+        # arriving, would reset the connection and lose the 503 before the client reads it.
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(_REFUSE_LINGER, transport.close)
+
     # -- head timeout ----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if not self._in_head and data:
             w = self._waiter
-            if w is not None and not w.done():  # waiting for a request: these bytes start one
+            # Waiting for a request (or between two, before aiohttp's reader task is back to
+            # wait): these bytes start a request's head. Body bytes in the instant between a
+            # head and its handler pass here too; ``request_started`` then clears the flag.
+            if (w is not None and not w.done()) or (
+                w is None and not self._request_in_progress and not self._messages
+            ):
                 self._in_head = True
                 self._head_deadline = deadline = self._loop.time() + self._listener.config().server.header_timeout
                 if self._head_timer is None:
@@ -204,9 +228,13 @@ class GuardedHandler(RequestHandler):
         if self._in_head and self._messages:
             self._in_head = False  # the head is in
 
+    def request_started(self) -> None:
+        """The front door is handling a request: whatever arrived was its head."""
+        self._in_head = False
+
     def _on_head_timer(self) -> None:
         self._head_timer = None
-        if not self._in_head or self._force_close or self.transport is None:
+        if not self._in_head or self._force_close or self.transport is None or self._request_in_progress:
             return
         if self._loop.time() < self._head_deadline:
             # Armed for an earlier request's head: re-arm for this one's.
@@ -262,7 +290,8 @@ class GuardedHandler(RequestHandler):
             resp.headers["server"] = SERVER_HEADER
             return resp
         # A bad request line or header: the client's fault, one line, no traceback.
-        text = (message or str(exc)).strip() or "malformed request"
+        # One line: the parser's message carries a caret diagram over several.
+        text = " ".join((message or str(exc)).split()) or "malformed request"
         self._listener.protocol_error(request.remote, text)
         body = orjson.dumps({"error": {
             "message": f"malformed HTTP request: {text}"[:300],

@@ -58,18 +58,27 @@ class FrontDoor:
         self._streams: set[asyncio.Task[Any]] = set()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        protocol = request.protocol
+        if isinstance(protocol, GuardedHandler):
+            protocol.request_started()
         srv = self.gateway.runtime.config.server
         limit = srv.max_body_bytes
         body = b""
         reject: HapaxError | None = None
+        #: No body will come (refused before a 100-continue) or it comes too slowly: answer and
+        #: close now, without aiohttp's lingering read of the rest (up to 10 s more).
+        close_now = False
         if request.can_read_body:
+            expect = request.headers.get("expect")
+            waits = expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1)
             cl = request.content_length
             if cl is not None and cl > limit:
                 reject = PayloadTooLarge(f"request body is {cl} bytes; the limit is {limit}")
+                close_now = waits
             else:
-                expect = request.headers.get("expect")
-                if expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1):
+                if waits:  # the client sends its body only after a 100: check what we can first
                     reject = await self.gateway.precheck(_request(request, b""))
+                    close_now = reject is not None
                     if reject is None:
                         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 if reject is None:
@@ -80,6 +89,10 @@ class FrontDoor:
             out = web.Response(status=resp.status, body=resp.body, headers=resp.headers)
             if reject is not None:
                 out.force_close()  # the unread body is still on the wire
+                if close_now or isinstance(reject, RequestTimeout):
+                    await out.prepare(request)
+                    await out.write_eof()
+                    protocol.force_close()
             return out
         return await self._stream(request, resp.headers, resp.status, resp.stream)
 
