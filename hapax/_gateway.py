@@ -53,6 +53,9 @@ _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _JSON = "application/json"
 #: With logging.log_bodies, bodies are logged up to this size: enough to debug, bounded per line.
 _LOGGED_BODY_BYTES = 16 * 1024
+#: Larger bodies are never merged: their key (canonical JSON, hashed) would cost tens of
+#: milliseconds of loop time, and identical concurrent megabyte prompts are rare.
+_DEDUP_MAX_BYTES = 256 * 1024
 _SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
@@ -235,7 +238,7 @@ class Gateway:
         principal = await self.access.authenticate(req, ex)
         ex.principal = principal.id
         ex.priority = _priority(req.headers.get("x-hapax-priority"), principal)
-        ex.dedup = req.headers.get("x-hapax-dedup", "").lower() != "off"
+        ex.dedup = req.headers.get("x-hapax-dedup", "").lower() != "off" and len(req.body) <= _DEDUP_MAX_BYTES
         ex.client_headers = req.headers
         body = await read_json_body(req.body)
         validate(op, body)

@@ -66,6 +66,11 @@ async def read_json_body(raw: bytes) -> dict[str, Any]:
                     f"the request body holds more than {MAX_JSON_VALUES} JSON values; "
                     "send fewer, larger items (long strings are fine)"
                 )
+        body = parse_body(raw, opens=opens)
+        # Parsing a large body took milliseconds; serialising it for the upstream will take
+        # more. Let other requests run in between rather than block for both at once.
+        await asyncio.sleep(0)
+        return body
     return parse_body(raw, opens=opens)
 
 
