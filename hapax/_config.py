@@ -30,6 +30,17 @@ from ._reliability_config import HealthCheckConfig, ReliabilityConfig, RetryConf
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 #: Kubernetes' default terminationGracePeriodSeconds is 30; stay inside it.
 DEFAULT_SHUTDOWN_GRACE = 25.0
+#: Above the idle timeouts of common load balancers (AWS ALB 60 s; nginx's own default
+#: is 75 s), so the balancer, not the node, closes a pooled connection first.
+DEFAULT_KEEPALIVE_TIMEOUT = 75.0
+#: Generous for any real client's request line and headers; a slowloris holds a socket no longer.
+DEFAULT_HEADER_TIMEOUT = 10.0
+#: A full 10 MiB body at about 170 KiB/s; slower uploads are an attack or a broken link.
+DEFAULT_BODY_TIMEOUT = 60.0
+#: A client that reads nothing of its stream for this long has gone; its slots go back.
+DEFAULT_STREAM_WRITE_TIMEOUT = 30.0
+#: Connections per process; the file-descriptor limit may lower it (node.limits).
+DEFAULT_MAX_CONNECTIONS = 10_000
 
 #: Request headers no ``forward_headers`` may name: the client's credentials (the gateway's
 #: own go upstream instead), cookies, hop-by-hop and framing headers, and the ones adapters set.
@@ -168,6 +179,15 @@ class ServerConfig(_Model):
     drain_delay: float = Field(0.0, ge=0, description="seconds")
     cors: CORSConfig = Field(default_factory=CORSConfig)
     reload_interval: float = Field(2.0, gt=0, description="config file poll period, seconds")
+    # The front door's connection limits (node.protocol): a connection can idle, send its
+    # head, send its body and leave its response unread each only for so long.
+    keepalive_timeout: float = Field(DEFAULT_KEEPALIVE_TIMEOUT, gt=0, description="idle connection, seconds")
+    header_timeout: float = Field(DEFAULT_HEADER_TIMEOUT, gt=0, description="request line and headers, seconds")
+    body_timeout: float = Field(DEFAULT_BODY_TIMEOUT, gt=0, description="whole request body, seconds")
+    stream_write_timeout: float = Field(
+        DEFAULT_STREAM_WRITE_TIMEOUT, gt=0, description="a response the client does not read, seconds"
+    )
+    max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, description="open client connections")
 
 
 class LoggingConfig(_Model):

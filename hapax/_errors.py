@@ -8,14 +8,16 @@ JSON at exactly one boundary (``hapax._gateway``), in OpenAI or Anthropic shape.
     ├── ClientError                 4xx: the caller can fix it
     │   ├── BadRequest              400 invalid_request_error
     │   │   ├── InvalidJSON
-    │   │   └── InvalidField        (param names the field)
+    │   │   ├── InvalidField        (param names the field)
+    │   │   └── RequestTooComplex   too deep, too many values or messages to handle cheaply
     │   ├── AuthenticationFailed    401
     │   ├── PermissionDenied        403
     │   ├── NotFound                404
     │   │   ├── ModelNotFound
     │   │   └── RouteNotFound
     │   ├── MethodNotAllowed        405
-    │   ├── RequestTimeout          408
+    │   ├── RequestTimeout          408 (head or body too slow)
+    │   │   └── ClientWriteTimeout  the client stopped reading its response
     │   ├── PayloadTooLarge         413
     │   ├── UnsupportedMediaType    415
     │   └── RateLimited             429 (retry_after)
@@ -27,6 +29,8 @@ JSON at exactly one boundary (``hapax._gateway``), in OpenAI or Anthropic shape.
     │   ├── UpstreamTimeout         504
     │   └── NoHealthyUpstream       503
     ├── ServiceUnavailable          503 (draining, no config)
+    │   ├── TooManyConnections      server.max_connections reached, none idle
+    │   └── ShuttingDown            a stream cut at the end of the shutdown grace
     └── InternalError               500 a bug; the process lives on
 
 Programmer misuse (a provider registered twice, say) raises ``RuntimeError``
@@ -83,6 +87,12 @@ class InvalidField(BadRequest):
     code = "invalid_value"
 
 
+class RequestTooComplex(BadRequest):
+    """Legal JSON the gateway refuses: parsing or walking it would stall every other request."""
+
+    code = "request_too_complex"
+
+
 class AuthenticationFailed(ClientError):
     status = 401
     type = "authentication_error"
@@ -122,6 +132,10 @@ class RequestTimeout(ClientError):
     type = "timeout_error"
     code = "request_timeout"
     anthropic_type = "timeout_error"
+
+
+class ClientWriteTimeout(RequestTimeout):
+    code = "client_write_timeout"
 
 
 class PayloadTooLarge(ClientError):
@@ -199,6 +213,14 @@ class ServiceUnavailable(HapaxError):
     type = "api_error"
     code = "service_unavailable"
     anthropic_type = "overloaded_error"
+
+
+class TooManyConnections(ServiceUnavailable):
+    code = "too_many_connections"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
 
 
 class InternalError(HapaxError):

@@ -43,7 +43,7 @@ from ._roles import Permission
 from ._runtime import Runtime, TransportFactory
 from ._sse import SSEEvent, encode
 from ._translate import StreamTranslator
-from ._validate import parse_body, validate
+from ._validate import read_json_body, validate
 from .providers import JsonReply, Operation, StreamReply
 
 log = logging.getLogger("hapax.gateway")
@@ -53,6 +53,9 @@ _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _JSON = "application/json"
 #: With logging.log_bodies, bodies are logged up to this size: enough to debug, bounded per line.
 _LOGGED_BODY_BYTES = 16 * 1024
+#: Larger bodies are never merged: their key (canonical JSON, hashed) would cost tens of
+#: milliseconds of loop time, and identical concurrent megabyte prompts are rare.
+_DEDUP_MAX_BYTES = 256 * 1024
 _SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
@@ -203,6 +206,27 @@ class Gateway:
             self._record(ex, total)
         return resp
 
+    async def precheck(self, req: Request) -> HapaxError | None:
+        """The error a request gets for its head alone, before its body is sent, if any.
+
+        For ``Expect: 100-continue``: a client waits for a 100 before uploading its body,
+        so a call that would be refused anyway (wrong route, method, content type or
+        credential) is refused before the upload, not after.
+        """
+        op_route = _OPS.get(req.path)
+        if op_route is None:
+            return None
+        if req.method != "POST":
+            return MethodNotAllowed(f"{req.path} accepts POST only")
+        ctype = req.headers.get("content-type", "")
+        if ctype.split(";", 1)[0].strip().lower() != _JSON:
+            return UnsupportedMediaType(f"content-type must be application/json, got {ctype or 'none'!r}")
+        try:
+            await self.access.authenticate(req, Exchange("", op_route[1], req.method, req.path, req.remote))
+        except HapaxError as exc:
+            return exc
+        return None
+
     # -- model calls -------------------------------------------------------------------
 
     async def _model_call(self, req: Request, ex: Exchange, op: Operation) -> Response:
@@ -214,9 +238,9 @@ class Gateway:
         principal = await self.access.authenticate(req, ex)
         ex.principal = principal.id
         ex.priority = _priority(req.headers.get("x-hapax-priority"), principal)
-        ex.dedup = req.headers.get("x-hapax-dedup", "").lower() != "off"
+        ex.dedup = req.headers.get("x-hapax-dedup", "").lower() != "off" and len(req.body) <= _DEDUP_MAX_BYTES
         ex.client_headers = req.headers
-        body = parse_body(req.body)
+        body = await read_json_body(req.body)
         validate(op, body)
         rt = self.runtime
         public = body["model"]
@@ -440,6 +464,8 @@ class _ResponseStream:
         self._admission = admission
         self._body = self._events()
         self._finished = False
+        #: Why the server itself ended the stream early (shutdown, a client not reading).
+        self._cut: HapaxError | None = None
         ex.status = 200
 
     def __aiter__(self) -> _ResponseStream:
@@ -453,6 +479,19 @@ class _ResponseStream:
             await self._body.aclose()
         finally:
             self._finish(hung_up=True)
+
+    def cut(self, exc: HapaxError) -> bytes:
+        """The server ends this stream early because of ``exc``: the events that say so.
+
+        An error event, then (OpenAI format) the ``[DONE]`` terminator, so a client sees
+        why its stream ended; the exchange is logged with ``exc``'s status and code, not
+        as a client hang-up. The front door writes the events if the client can still
+        take them, then closes the stream as usual.
+        """
+        self._cut = exc
+        self._ex.error = exc
+        tail = self._gw._stream_error(self._ex, exc)
+        return tail if self._ex.anthropic else tail + b"data: [DONE]\n\n"
 
     async def _events(self) -> AsyncGenerator[bytes, None]:
         ex, translator, gw = self._ex, self._translator, self._gw
@@ -488,7 +527,9 @@ class _ResponseStream:
             return
         self._finished = True
         ex, gw = self._ex, self._gw
-        if hung_up:
+        if self._cut is not None:
+            ex.status = self._cut.status
+        elif hung_up:
             ex.status = 499  # client closed request (nginx's code): it left before the end
         ex.upstream_seconds = time.perf_counter() - self._t0
         try:

@@ -155,6 +155,12 @@ class LabelBound:
         return value if value in self.allowed else OTHER
 
 
+#: Why the front door closes a connection itself (hapax_connections_closed_total's ``reason``).
+CONNECTION_CLOSE_REASONS = (
+    "idle_evicted", "refused", "header_timeout", "body_timeout", "write_timeout", "shutdown",
+)
+
+
 class GatewayMetrics:
     """Every metric the gateway exports; names are the public contract (docs/metrics.md)."""
 
@@ -262,6 +268,22 @@ class GatewayMetrics:
             "Requests answered by an identical concurrent request's upstream call, by model.",
             ("model",),
         ))
+        # The front door (node.protocol): connections, not requests.
+        self.connections_open = r.add(Gauge(
+            "hapax_connections_open", "Client connections open right now.",
+        ))
+        self.connections_closed = r.add(Counter(
+            "hapax_connections_closed_total",
+            "Client connections the server closed on its own, by reason (a limit or a timeout).",
+            ("reason",),
+        ))
+        self.http_protocol_errors = r.add(Counter(
+            "hapax_http_protocol_errors_total", "Requests refused as malformed HTTP (bad request line or headers).",
+        ))
+        for reason in CONNECTION_CLOSE_REASONS:
+            self.connections_closed.inc(reason, by=0)
+        self.http_protocol_errors.inc(by=0)
+        self.connections_open.set(to=0)
         self.queue_depth.set(to=0)
         self.in_flight.set(to=0)
         self.config_info.set(to=0)

@@ -13,70 +13,165 @@ process exits 0. SIGHUP reloads the config file now.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, Final
 
 from aiohttp import web
 
 from hapax import Config, ConfigError, Gateway, HapaxError, Request, load_config
 from hapax._access import AccessControl
 from hapax._config import config_findings
-from hapax._errors import PayloadTooLarge
+from hapax._errors import ClientWriteTimeout, PayloadTooLarge, RequestTimeout, ShuttingDown
 
-from . import logs
+from . import limits, logs
+from .protocol import SERVER_HEADER, GuardedHandler, Listener
 from .upstream import transport_factory
 
 log = logging.getLogger("hapax.node")
 
+#: Seconds to write a cut stream's closing events; a client that takes none is dropped.
+_CUT_WRITE_TIMEOUT: Final = 1.0
+#: Seconds open streams get to take their closing events when the shutdown grace ends.
+_CUT_WAIT: Final = 2.0
+#: Seconds between checks of the file-descriptor use.
+_FD_CHECK_INTERVAL: Final = 5.0
+
 
 class FrontDoor:
-    """Adapts aiohttp requests to the gateway and writes its responses back."""
+    """Adapts aiohttp requests to the gateway and writes its responses back.
+
+    The connection-level limits live in ``node.protocol``; this reads bodies within
+    ``server.body_timeout``, answers ``Expect: 100-continue`` once the head has passed
+    the checks that need no body, and ends streams the server cuts (a client that
+    stopped reading, the end of the shutdown grace) with the right record.
+    """
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        #: Set by ``Node.start``; counts and logs closes the front door decides.
+        self.listener: Listener | None = None
+        self.shutting_down = False
+        self._streams: set[asyncio.Task[Any]] = set()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        limit = self.gateway.runtime.config.server.max_body_bytes
+        protocol = request.protocol
+        if isinstance(protocol, GuardedHandler):
+            protocol.request_started()
+        srv = self.gateway.runtime.config.server
+        limit = srv.max_body_bytes
         body = b""
         reject: HapaxError | None = None
+        #: No body will come (refused before a 100-continue) or it comes too slowly: answer and
+        #: close now, without aiohttp's lingering read of the rest (up to 10 s more).
+        close_now = False
         if request.can_read_body:
+            expect = request.headers.get("expect")
+            waits = expect is not None and expect.lower() == "100-continue" and request.version >= (1, 1)
             cl = request.content_length
             if cl is not None and cl > limit:
                 reject = PayloadTooLarge(f"request body is {cl} bytes; the limit is {limit}")
+                close_now = waits
             else:
-                read = await _read_limited(request, limit)
-                if read is None:
-                    reject = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-                else:
-                    body = read
-        req = Request(
-            method=request.method,
-            path=request.path,
-            headers=request.headers,
-            body=body,
-            remote=request.remote or "",
-            query=request.query if request.query_string else {},  # parsing costs; most have none
-        )
-        resp = await self.gateway.handle(req, reject=reject)
+                if waits:  # the client sends its body only after a 100: check what we can first
+                    reject = await self.gateway.precheck(_request(request, b""))
+                    close_now = reject is not None
+                    if reject is None:
+                        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if reject is None:
+                    body, reject = await self._read_body(request, limit, srv.body_timeout)
+        resp = await self.gateway.handle(_request(request, body), reject=reject)
+        resp.headers["server"] = SERVER_HEADER
         if resp.stream is None:
             out = web.Response(status=resp.status, body=resp.body, headers=resp.headers)
             if reject is not None:
                 out.force_close()  # the unread body is still on the wire
+                if close_now or isinstance(reject, RequestTimeout):
+                    await out.prepare(request)
+                    await out.write_eof()
+                    protocol.force_close()
             return out
-        sresp = web.StreamResponse(status=resp.status, headers=resp.headers)
-        stream = resp.stream
+        return await self._stream(request, resp.headers, resp.status, resp.stream)
+
+    async def _read_body(self, request: web.BaseRequest, limit: int, timeout: float) -> tuple[bytes, HapaxError | None]:
+        try:
+            if request.content.is_eof():
+                read = await _read_limited(request, limit)  # all in already: no timer needed
+            else:
+                async with asyncio.timeout(timeout):
+                    read = await _read_limited(request, limit)
+        except TimeoutError:
+            if self.listener is not None:
+                self.listener.closed("body_timeout", "closed a connection whose request body was too slow")
+            return b"", RequestTimeout(f"the request body did not arrive within server.body_timeout ({timeout:g} s)")
+        if read is None:
+            return b"", PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        return read, None
+
+    async def _stream(
+        self, request: web.BaseRequest, headers: dict[str, str], status: int, stream: AsyncIterator[bytes]
+    ) -> web.StreamResponse:
+        sresp = web.StreamResponse(status=status, headers=headers)
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        cut = getattr(stream, "cut", None)
         try:
             await sresp.prepare(request)
             async for chunk in stream:
                 await sresp.write(chunk)
             await sresp.write_eof()
+        except asyncio.CancelledError:
+            protocol = request.protocol
+            if isinstance(protocol, GuardedHandler) and protocol.cut_reason == "write_timeout":
+                if cut is not None:
+                    cut(ClientWriteTimeout(
+                        "the client did not read its response within server.stream_write_timeout"
+                    ))
+                raise
+            if not self.shutting_down or cut is None or protocol.transport is None:
+                raise  # the client hung up
+            # Node.drain cancelled us at the end of the grace: say so to the client, then end.
+            task.uncancel()
+            tail = cut(ShuttingDown("the server is shutting down; retry on another node"))
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(_CUT_WRITE_TIMEOUT):
+                    await sresp.write(tail)
+                    await sresp.write_eof()
+            if self.listener is not None:
+                self.listener.closed("shutdown", "ended a stream at the end of the shutdown grace")
         finally:
+            self._streams.discard(task)
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
         return sresp
+
+    def cut_streams(self) -> int:
+        """End every open stream with a ``shutting_down`` error event; how many there were."""
+        self.shutting_down = True
+        for task in list(self._streams):
+            task.cancel()
+        return len(self._streams)
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+
+def _request(request: web.BaseRequest, body: bytes) -> Request:
+    return Request(
+        method=request.method,
+        path=request.path,
+        headers=request.headers,
+        body=body,
+        remote=request.remote or "",
+        query=request.query if request.query_string else {},  # parsing costs; most have none
+    )
 
 
 async def _read_limited(request: web.BaseRequest, limit: int) -> bytes | None:
@@ -106,12 +201,29 @@ class Node:
         self._stop = asyncio.Event()
         self._reload_now = asyncio.Event()
         self._runner: web.ServerRunner | None = None
+        self.front = FrontDoor(self.gateway)
+        self._fd_watch: asyncio.Task[None] | None = None
         self._file_stamp: tuple[int, int, int, int] | None = None
         self.addresses: list[str] = []
 
     async def start(self) -> None:
         srv = self.config.server
-        server = web.Server(FrontDoor(self.gateway), handler_cancellation=True, access_log=None)
+        fd_limit = limits.raise_nofile()
+        cap = limits.connection_cap(self.config)
+        if cap < srv.max_connections:
+            log.warning(
+                "server.max_connections lowered to fit the file-descriptor limit",
+                extra={"fields": {"max_connections": srv.max_connections, "effective": cap, "fd_limit": fd_limit}},
+            )
+        server = Listener(
+            self.front,
+            config=lambda: self.gateway.runtime.config,
+            metrics=self.gateway.metrics,
+            handler_cancellation=True,
+            access_log=None,
+        )
+        self.front.listener = server
+        self._fd_watch = asyncio.create_task(self._watch_fds())
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, srv.host, srv.port, reuse_port=True, backlog=1024)
@@ -149,10 +261,22 @@ class Node:
         deadline = started + grace
         while self.gateway.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self._fd_watch is not None:
+            self._fd_watch.cancel()
         left = self.gateway.in_flight
+        if self.front.cut_streams():
+            # Streams still open at the end of the grace get an error event, not a silent cut.
+            cut_deadline = time.monotonic() + _CUT_WAIT
+            while self.front.open_streams and time.monotonic() < cut_deadline:
+                await asyncio.sleep(0.02)
         await self._runner.cleanup()
         await self.gateway.aclose()
         log.info("stopped", extra={"fields": {"abandoned_requests": left}})
+
+    async def _watch_fds(self) -> None:
+        while True:
+            await asyncio.sleep(_FD_CHECK_INTERVAL)
+            limits.check(self.gateway.runtime.config)
 
     async def _watch_config(self) -> None:
         """Poll the config file (and answer SIGHUP) until cancelled; nothing else stops it.

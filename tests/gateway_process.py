@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class GatewayProcess:
-    def __init__(self, config: dict[str, Any], tmp: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        tmp: Path,
+        *,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
+        #: Runs in the child before exec (resource limits, say).
+        self.preexec_fn = preexec_fn
         self.port = free_port()
         config = dict(config)
         server = dict(config.get("server", {}))
@@ -55,6 +65,7 @@ class GatewayProcess:
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec_fn,
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
