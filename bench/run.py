@@ -26,6 +26,8 @@ from .procs import ROOT, Proc, children_cpu_seconds, free_port, interpreter_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("direct", "proxy", "hapax")
+#: ``--access-log`` value -> the Hapax target it runs: ``hapax`` logs as users run it, ``hapax-nolog`` not.
+HAPAX_VARIANTS = {"on": "hapax", "off": "hapax-nolog"}
 MODES = ("nonstream", "stream")
 
 
@@ -107,14 +109,21 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default="none",
         help="Hapax's auth mode; 'keys' calls with a stored key that has rate limits and a budget (none)",
     )
+    p.add_argument(
+        "--access-log",
+        default="on",
+        help="Hapax's access log: on (default, as operators run it), off, or on,off to run both "
+        "nodes side by side in one run (target 'hapax-nolog' is the one without)",
+    )
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     return p.parse_args(argv)
 
 
-def _hapax_config(port: int, upstream_port: int, pool: int) -> dict[str, Any]:
+def _hapax_config(port: int, upstream_port: int, pool: int, *, access_log: bool = True) -> dict[str, Any]:
     return {
         "server": {"host": "127.0.0.1", "port": port},
-        "logging": {"level": "warning", "access_log": False},
+        # The defaults (info, JSON, access log on) are how operators run it; the lines go to a file.
+        "logging": {"level": "info", "access_log": access_log},
         "providers": {
             "bench": {
                 "type": "openai",
@@ -127,17 +136,17 @@ def _hapax_config(port: int, upstream_port: int, pool: int) -> dict[str, Any]:
     }
 
 
-def _keys_mode(cfg: dict[str, Any], state: Path, python: str, env: dict[str, str]) -> str:
-    """Turn on ``auth.mode: keys`` and mint the key the load will use: limits and a budget
-    high enough never to refuse, so every request pays for the whole check-and-settle path."""
-    cfg["auth"] = {"mode": "keys", "admin_key": "bench-admin-" + "x" * 40, "state_dir": str(state)}
+def _keys_mode(state: Path, python: str, env: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """``auth.mode: keys`` config and the key the load will use: limits and a budget high
+    enough never to refuse, so every request pays for the whole check-and-settle path."""
+    auth = {"mode": "keys", "admin_key": "bench-admin-" + "x" * 40, "state_dir": str(state)}
     out = subprocess.run(
         [python, "-m", "node", "keys", "create", "--state-dir", str(state), "--name", "bench",
          "--team", "bench", "--rpm", "1000000000", "--tpm", "1000000000000", "--concurrent", "100000",
          "--daily-usd", "1000000000", "--json"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=60,
     ).stdout
-    return str(json.loads(out)["key"])
+    return auth, str(json.loads(out)["key"])
 
 
 def _post(url: str, stream: bool, api_key: str = wrk.API_KEY) -> tuple[int, bytes]:
@@ -216,10 +225,13 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
     for r in rows:
         groups.setdefault((r.mode, r.connections), {})[r.target] = r
     for (mode, conns), g in groups.items():
-        h = g.get("hapax")
+        h = g.get("hapax") or g.get("hapax-nolog")
         if h is None:
             continue
         entry: dict[str, Any] = {"mode": mode, "connections": conns}
+        on, off = g.get("hapax"), g.get("hapax-nolog")
+        if on is not None and off is not None and (c_on := on.server_cpu_us()) and (c_off := off.server_cpu_us()):
+            entry["access_log_cpu_us_per_request"] = c_on - c_off
         for base in ("direct", "proxy"):
             b = g.get(base)
             if b is None or not b.wrk.rps:
@@ -246,6 +258,8 @@ def render_ratios(rs: list[dict[str, Any]]) -> str:
             parts.append(f"p50 {e['p50_added_vs_proxy_ms']:+.2f} ms vs proxy")
         if "cpu_per_request_hapax_over_proxy" in e:
             parts.append(f"CPU/req Hapax/proxy {e['cpu_per_request_hapax_over_proxy']:.2f}")
+        if "access_log_cpu_us_per_request" in e:
+            parts.append(f"access log {e['access_log_cpu_us_per_request']:+.0f} us/req")
         lines.append("  ".join(parts))
     return "\n".join(lines)
 
@@ -262,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     targets = [t for t in a.targets.split(",") if t]
     if unknown := set(targets) - set(TARGETS):
         raise SystemExit(f"unknown targets: {sorted(unknown)}")
+    logs = [v for v in a.access_log.split(",") if v]
+    if bad := set(logs) - set(HAPAX_VARIANTS):
+        raise SystemExit(f"--access-log takes on, off or on,off, not {sorted(bad)}")
+    if "hapax" in targets:
+        i = targets.index("hapax")
+        targets[i : i + 1] = [HAPAX_VARIANTS[v] for v in logs]
     modes = [a.only] if a.only else list(MODES)
     conns_list = [int(c) for c in str(a.connections).split(",")]
     ncpu = os.cpu_count() or 1
@@ -278,17 +298,25 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="hapax-bench-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
-    up_port, proxy_port, hapax_port = free_port(), free_port(), free_port()
+    up_port, proxy_port = free_port(), free_port()
+    hapax_ports = {name: free_port() for name in HAPAX_VARIANTS.values()}
     pool = max(100, max(conns_list))
-    cfg_path = tmp / "hapax.yaml"
-    cfg = _hapax_config(hapax_port, up_port, pool)
-    api_key = _keys_mode(cfg, tmp / "state", a.python, env) if a.auth == "keys" else wrk.API_KEY
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    cfg_paths: dict[str, Path] = {}
+    auth: dict[str, Any] | None = None
+    api_key = wrk.API_KEY
+    if a.auth == "keys":  # one key store, shared by both nodes
+        auth, api_key = _keys_mode(tmp / "state", a.python, env)
+    for name, port in hapax_ports.items():
+        cfg = _hapax_config(port, up_port, pool, access_log=name == "hapax")
+        if auth is not None:
+            cfg["auth"] = auth
+        cfg_paths[name] = tmp / f"{name}.yaml"
+        cfg_paths[name].write_text(yaml.safe_dump(cfg))
     scripts = {m: wrk.write_script(tmp, m == "stream", api_key) for m in MODES}
     urls = {
         "direct": f"http://127.0.0.1:{up_port}/v1/chat/completions",
         "proxy": f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
-        "hapax": f"http://127.0.0.1:{hapax_port}/v1/chat/completions",
+        **{name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in hapax_ports.items()},
     }
     procs: dict[str, Proc] = {}
     rows: list[Row] = []
@@ -309,11 +337,13 @@ def main(argv: list[str] | None = None) -> int:
                 tmp, cpus=gw_cpus, env=env,
             )
             procs["proxy"].wait_port(proxy_port)
-        if "hapax" in targets:
-            procs["hapax"] = Proc(
-                "hapax", [a.python, "-m", "node", "serve", "--config", str(cfg_path)], tmp, cpus=gw_cpus, env=env
-            )
-            procs["hapax"].wait_http(f"http://127.0.0.1:{hapax_port}/health/ready")
+        for name, port in hapax_ports.items():
+            if name in targets:
+                procs[name] = Proc(
+                    name, [a.python, "-m", "node", "serve", "--config", str(cfg_paths[name])], tmp,
+                    cpus=gw_cpus, env=env,
+                )
+                procs[name].wait_http(f"http://127.0.0.1:{port}/health/ready")
         for t in targets:
             _sanity(t, urls[t], a.chunks, api_key)
 
@@ -339,14 +369,15 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(render([row]).splitlines()[-1], flush=True)
 
-        if a.profile and "hapax" in procs:
+        hapax_proc = procs.get("hapax") or procs.get("hapax-nolog")
+        if a.profile and hapax_proc is not None:
             for mode in modes:
                 conns = conns_list[-1]
                 print(f"profiling Hapax ({a.profile}, {mode}, c={conns}, {a.profile_duration:.0f}s) ...", flush=True)
                 profiles[mode] = profile.profile_hapax(
-                    a.profile, procs["hapax"], urls["hapax"], scripts[mode], tmp, mode,
+                    a.profile, hapax_proc, urls[hapax_proc.name], scripts[mode], tmp, mode,
                     duration=a.profile_duration, connections=conns, load_cpus=load_cpus,
-                    python=a.python, cfg_path=cfg_path, gw_cpus=gw_cpus, env=env,
+                    python=a.python, cfg_path=cfg_paths[hapax_proc.name], gw_cpus=gw_cpus, env=env,
                 )
     finally:
         for p in reversed(list(procs.values())):
@@ -357,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gateway/proxy interpreter: {_describe(gw_info)}")
     print(f"  sys.version: {gw_info['version']}")
     print(f"duration {a.duration:g}s per target after {a.warmup:g}s warm-up; wrk -t{a.wrk_threads}; "
-          f"stream = {a.chunks} chunks + usage + [DONE]; Hapax auth mode {a.auth}")
+          f"stream = {a.chunks} chunks + usage + [DONE]; Hapax auth mode {a.auth}; "
+          f"access log {a.access_log} (hapax-nolog: off)")
     print()
     print(render(rows))
     noisy = [r for r in rows if (r.foreign_pct() or 0) > 10]
@@ -384,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "duration_s": a.duration, "warmup_s": a.warmup, "connections": conns_list,
                 "wrk_threads": a.wrk_threads, "chunks": a.chunks, "modes": modes, "targets": targets,
-                "hapax_auth": a.auth,
+                "hapax_auth": a.auth, "access_log": logs,
                 "pinning": {"gateway_and_proxy": gw_cpus, "upstream_and_wrk": load_cpus},
                 "request_bytes": {m: len(wrk.request_body(m == "stream")) for m in MODES},
             },
