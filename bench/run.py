@@ -204,7 +204,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def render(rows: list[Row]) -> str:
     head = (
-        f"{'mode':<10} {'conns':>5} {'target':<7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'mode':<10} {'conns':>5} {'target':<11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'CPU us/req':>10} {'core %':>6} {'upstr us/req':>12} {'errors':>6} {'foreign %':>9}"
     )
     lines = [head, "-" * len(head)]
@@ -212,7 +212,7 @@ def render(rows: list[Row]) -> str:
         w = r.wrk
         errs = w.errors_connect + w.errors_read + w.errors_write + w.errors_timeout + w.non_2xx
         lines.append(
-            f"{r.mode:<10} {r.connections:>5} {r.target:<7} {w.rps:>9.0f} {w.p50_ms:>8.2f} {w.p99_ms:>8.2f} "
+            f"{r.mode:<10} {r.connections:>5} {r.target:<11} {w.rps:>9.0f} {w.p50_ms:>8.2f} {w.p99_ms:>8.2f} "
             f"{_fmt(r.server_cpu_us(), '>10.0f')} {_fmt(r.core_util(), '>6.0f')} "
             f"{_fmt(r.upstream_cpu_us(), '>12.0f')} {errs:>6} {_fmt(r.foreign_pct(), '>9.0f')}"
         )

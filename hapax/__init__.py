@@ -2,7 +2,7 @@
 
 from ._config import Config, config_schema, default_config, load_config, parse_config
 from ._errors import ConfigError, HapaxError
-from ._gateway import Gateway
+from ._gateway import AccessSink, Gateway, LoggingAccessSink
 from ._http import Request, Response
 from ._metrics import GatewayMetrics
 from ._transport import (
@@ -20,6 +20,7 @@ from ._transport import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessSink",
     "Config",
     "ConfigError",
     "ConnectError",
@@ -28,6 +29,7 @@ __all__ = [
     "Gateway",
     "GatewayMetrics",
     "HapaxError",
+    "LoggingAccessSink",
     "ReadError",
     "Request",
     "Response",

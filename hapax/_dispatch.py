@@ -203,6 +203,7 @@ class Dispatcher:
         self.metrics.deduplicated.inc(self.metrics.models(model.name))
         ex.attempts = d.attempts
         ex.provider = d.deployment.provider
+        ex.deployment = f"{d.deployment.provider}/{d.deployment.model}"
         ex.upstream_seconds = d.upstream_seconds
         return dataclasses.replace(d, headers={**d.headers, "x-hapax-dedup": "shared"})
 
@@ -296,6 +297,7 @@ class Dispatcher:
             plan.start_attempt()
             ex.attempts += 1
             ex.provider = c.dep.provider
+            ex.deployment = c.key
             if prev is not None:
                 self.metrics.retries.inc(self.metrics.models(model.name))
                 if c.key != prev:

@@ -22,6 +22,8 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     model: str = ""
     provider: str = ""
+    #: The deployment that answered (or was tried last), as ``provider/model``.
+    deployment: str = ""
     status: int = 0
     upstream_seconds: float = 0.0
     ttft: float | None = None

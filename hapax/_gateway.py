@@ -20,7 +20,7 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -38,7 +38,7 @@ from ._errors import (
 )
 from ._exchange import Exchange
 from ._http import Request, Response
-from ._metrics import GatewayMetrics
+from ._metrics import GatewayMetrics, status_class
 from ._roles import Permission
 from ._runtime import Runtime, TransportFactory
 from ._sse import SSEEvent, encode
@@ -89,6 +89,30 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
+class AccessSink(Protocol):
+    """Where each request's access line goes: the core builds the fields, the sink does the I/O.
+
+    ``enabled`` is read per request (false: the fields are not even built); the call must
+    not block the event loop. A node buffers lines and writes them off the loop.
+    """
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def __call__(self, fields: dict[str, Any]) -> None: ...
+
+
+class LoggingAccessSink:
+    """The default sink: one ``logging`` record per request on ``hapax.access``, at info."""
+
+    @property
+    def enabled(self) -> bool:
+        return access_log.isEnabledFor(logging.INFO)
+
+    def __call__(self, fields: dict[str, Any]) -> None:
+        access_log.info("request", extra={"fields": fields})
+
+
 class Gateway:
     def __init__(
         self,
@@ -98,7 +122,9 @@ class Gateway:
         metrics: GatewayMetrics | None = None,
         access: AccessControl | None = None,
         dispatcher: Dispatcher | None = None,
+        access_sink: AccessSink | None = None,
     ) -> None:
+        self.access_sink: AccessSink = access_sink or LoggingAccessSink()
         self.metrics = metrics or GatewayMetrics()
         self.access = access or AccessControl(config)
         self.access.attach(self.metrics)
@@ -129,7 +155,8 @@ class Gateway:
 
     def _bind_metrics(self, config: Config) -> None:
         names = [n for m in config.models for n in (m.name, *m.aliases)]
-        self.metrics.bind_config(names, config.providers)
+        served = {(m.name, d.provider) for m in config.models for d in m.deployments}
+        self.metrics.bind_config(names, config.providers, served)
         self.metrics.config_info.set(to=self.runtime.generation)
 
     def start(self) -> None:
@@ -388,9 +415,9 @@ class Gateway:
         if ex.error is not None and status == 200:
             status = ex.error.status  # a stream that failed after its headers
         m.requests.inc(ex.route, model, provider, str(status))
-        m.request_duration.observe(total, ex.route)
+        m.request_duration.observe(total, ex.route, model, status_class(status))
         if ex.provider:
-            m.upstream_duration.observe(ex.upstream_seconds, provider)
+            m.upstream_duration.observe(ex.upstream_seconds, provider, m.deployments(ex.deployment))
             m.gateway_overhead.observe(max(0.0, total - ex.upstream_seconds), ex.route)
         if ex.ttft is not None:
             m.ttft.observe(ex.ttft, model, provider)
@@ -400,8 +427,9 @@ class Gateway:
             if ex.usage.completion_tokens:
                 m.tokens.inc(model, provider, "output", by=ex.usage.completion_tokens)
         if ex.error is not None:
-            m.errors.inc(ex.error.type, ex.error.code)
-        if access_log.isEnabledFor(logging.INFO):
+            m.errors.inc(ex.route, model, ex.error.type, ex.error.code)
+        sink = self.access_sink
+        if sink.enabled:
             fields: dict[str, Any] = {
                 "request_id": ex.request_id,
                 "method": ex.method,
@@ -432,7 +460,7 @@ class Gateway:
                 fields["request_body"] = ex.request_body.decode("utf-8", "replace")
             if ex.response_body:
                 fields["response_body"] = ex.response_body.decode("utf-8", "replace")
-            access_log.info("request", extra={"fields": fields})
+            sink(fields)
 
 
 class _ResponseStream:

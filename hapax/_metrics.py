@@ -8,9 +8,28 @@ does a dict lookup and an add, and every label value passes through a bound
 from __future__ import annotations
 
 import bisect
+import gc
 import math
+import os
+import platform
+import resource
+import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from ._errors import (
+    HapaxError,
+    InternalError,
+    NoHealthyUpstream,
+    QuotaExceeded,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 #: Seconds; spans 1 ms gateway overhead to multi-minute generations.
 LATENCY_BUCKETS = (
@@ -22,7 +41,38 @@ OVERHEAD_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )
 
+#: GC pauses: a young collection takes well under a millisecond, a full one on a big heap 100+ ms.
+GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
 OTHER = "other"
+
+#: Routes that call a model; ``route`` is always one of these or of ``_gateway._route_name``'s.
+MODEL_ROUTES = ("chat_completions", "completions", "embeddings", "messages")
+#: Statuses a model call ends with often enough to alert on: their series exist at 0 from start-up.
+ZERO_STATUSES = ("200", "429", "499", "500", "502", "503", "504")
+#: Errors worth an alert on a model route (upstream trouble, limits, bugs): present at 0 likewise.
+ZERO_ERRORS: tuple[type[HapaxError], ...] = (
+    RateLimited, QuotaExceeded, UpstreamError, UpstreamBadRequest, UpstreamRateLimited,
+    UpstreamUnavailable, UpstreamTimeout, NoHealthyUpstream, ServiceUnavailable, InternalError,
+)
+#: Upstream attempt outcomes present at 0 per deployment: ok and the upstream error codes.
+ZERO_OUTCOMES = ("ok", *sorted({e.code for e in ZERO_ERRORS if issubclass(e, UpstreamError)}))
+AUTH_REASONS = ("missing", "unknown", "revoked", "expired")
+LIMIT_SCOPES = ("key", "team", "global")
+LIMITS = (
+    "requests_per_minute", "tokens_per_minute", "concurrent",
+    "daily_tokens", "monthly_tokens", "daily_usd", "monthly_usd",
+)
+BREAKER_STATES = ("closed", "half_open", "open")
+QUEUE_REJECTIONS = ("queue_full", "queue_timeout")
+
+
+def status_class(status: int) -> str:
+    """``2xx``, ``4xx`` or ``5xx`` (499, the client hanging up, is a 4xx)."""
+    return _CLASSES.get(status // 100, "other")
+
+
+_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 M = TypeVar("M", bound="_Metric")
 
@@ -71,6 +121,10 @@ class Counter(_Metric):
     def get(self, *values: str) -> float:
         return self._values.get(values, 0.0)
 
+    def zero(self, *values: str) -> None:
+        """Make the series exist (at 0 if new), so it is scraped before its first event."""
+        self._values.setdefault(values, 0.0)
+
     def render(self) -> Iterable[str]:
         yield from super().render()
         for values, v in sorted(self._values.items()):
@@ -104,6 +158,11 @@ class Histogram(_Metric):
             s = self._series[values] = [0.0] * (len(self.buckets) + 2)
         s[bisect.bisect_left(self.buckets, value)] += 1
         s[-1] += value
+
+    def zero(self, *values: str) -> None:
+        """Make the series exist (empty if new)."""
+        if values not in self._series:
+            self._series[values] = [0.0] * (len(self.buckets) + 2)
 
     def count(self, *values: str) -> float:
         s = self._series.get(values)
@@ -171,12 +230,14 @@ class GatewayMetrics:
             ("route", "model", "provider", "status"),
         ))
         self.request_duration = r.add(Histogram(
-            "hapax_request_duration_seconds", "Total time from request received to last byte sent.",
-            ("route",), buckets=LATENCY_BUCKETS,
+            "hapax_request_duration_seconds",
+            "Total time from request received to last byte sent, by route, model and status class.",
+            ("route", "model", "status_class"), buckets=LATENCY_BUCKETS,
         ))
         self.upstream_duration = r.add(Histogram(
-            "hapax_upstream_duration_seconds", "Time spent waiting on the provider, per provider.",
-            ("provider",), buckets=LATENCY_BUCKETS,
+            "hapax_upstream_duration_seconds",
+            "Time spent waiting on the provider, per provider and deployment (provider/model).",
+            ("provider", "deployment"), buckets=LATENCY_BUCKETS,
         ))
         self.gateway_overhead = r.add(Histogram(
             "hapax_gateway_overhead_seconds", "Time the gateway itself added (total minus upstream).",
@@ -194,8 +255,8 @@ class GatewayMetrics:
             "hapax_requests_in_flight", "Requests being handled right now.",
         ))
         self.errors = r.add(Counter(
-            "hapax_errors_total", "Errors returned to clients, by error type and code.",
-            ("type", "code"),
+            "hapax_errors_total", "Errors returned to clients, by route, model, error type and code.",
+            ("route", "model", "type", "code"),
         ))
         self.config_reloads = r.add(Counter(
             "hapax_config_reloads_total", "Config reload attempts by result (success|failure).",
@@ -284,21 +345,171 @@ class GatewayMetrics:
             self.connections_closed.inc(reason, by=0)
         self.http_protocol_errors.inc(by=0)
         self.connections_open.set(to=0)
+        self.log_lines_dropped = r.add(Counter(
+            "hapax_log_lines_dropped_total",
+            "Log lines dropped because stderr did not keep up (the node's writer).",
+        ))
+        self.build_info = r.add(Gauge(
+            "hapax_build_info", "Always 1; the labels say which Hapax and Python run.", ("version", "python"),
+        ))
+        self._process = _ProcessMetrics(r)
         self.queue_depth.set(to=0)
         self.in_flight.set(to=0)
         self.config_info.set(to=0)
+        self.log_lines_dropped.zero()
+        for result in ("success", "failure"):
+            self.config_reloads.zero(result)
+        for reason in AUTH_REASONS:
+            self.auth_failures.zero(reason)
+        for scope in LIMIT_SCOPES:
+            for limit in LIMITS:
+                self.limited.zero(scope, limit)
+        for reason in QUEUE_REJECTIONS:
+            self.queue_rejections.zero(reason)
+        from . import __version__  # the package's, read once
+
+        self.build_info.set(__version__, platform.python_version(), to=1)
         self.models = LabelBound()
         self.providers = LabelBound()
         self.deployments = LabelBound()
         self.teams = LabelBound()
+        self._served: tuple[tuple[str, str], ...] = ()
 
-    def bind_config(self, model_names: Iterable[str], provider_names: Iterable[str]) -> None:
-        """Labels follow the config: only configured models and providers get series."""
+    def bind_config(
+        self,
+        model_names: Iterable[str],
+        provider_names: Iterable[str],
+        served: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Labels follow the config: only configured models and providers get series.
+
+        ``served`` is the (model, provider) pairs of the deployments: their counters are
+        created at 0 now, so dashboards and alerts see a zero rather than no data.
+        """
         self.models = LabelBound(model_names)
         self.providers = LabelBound(provider_names)
+        self._served = tuple(served)
+        for model, provider in self._served:
+            for route in MODEL_ROUTES:
+                for status in ZERO_STATUSES:
+                    self.requests.zero(route, model, provider, status)
+            for direction in ("input", "output"):
+                self.tokens.zero(model, provider, direction)
+        for model in {m for m, _ in self._served}:
+            self.retries.zero(model)
+            self.failovers.zero(model)
+            self.deduplicated.zero(model)
+            for route in MODEL_ROUTES:
+                for err in ZERO_ERRORS:
+                    self.errors.zero(route, model, err.type, err.code)
+        for provider in self.providers.allowed:
+            for result in ("ok", "fail"):
+                self.probes.zero(provider, result)
+        self._zero_teams()
 
     def bind_deployments(self, keys: Iterable[str]) -> None:
         self.deployments = LabelBound(keys)
+        for key in self.deployments.allowed:
+            for outcome in ZERO_OUTCOMES:
+                self.attempts.zero(key, outcome)
+            for state in BREAKER_STATES:
+                self.circuit_transitions.zero(key, state)
 
     def bind_teams(self, team_names: Iterable[str]) -> None:
         self.teams = LabelBound(team_names)
+        self._zero_teams()
+
+    def _zero_teams(self) -> None:
+        models = {m for m, _ in self._served}
+        for team in self.teams.allowed:
+            for model in models:
+                self.team_requests.zero(team, model)
+                self.cost.zero(team, model)
+                for direction in ("input", "output"):
+                    self.team_tokens.zero(team, model, direction)
+
+
+class _GCStats:
+    """Collections and their pauses per generation, from one process-wide ``gc.callbacks`` hook.
+
+    Installed once however many registries exist; costs two clock reads per collection.
+    """
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.collected = [0, 0, 0]
+        self.pauses: list[list[float]] = [[] for _ in range(3)]  # drained into histograms per scrape
+        self._t0 = 0.0
+        gc.callbacks.append(self._hook)
+
+    def _hook(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        g = info["generation"]
+        self.collections[g] += 1
+        self.collected[g] += info["collected"]
+        pauses = self.pauses[g]
+        if len(pauses) < 10_000:  # bounded between scrapes
+            pauses.append(time.perf_counter() - self._t0)
+
+
+_gc_stats: _GCStats | None = None
+
+
+def _gc() -> _GCStats:
+    global _gc_stats
+    if _gc_stats is None:
+        _gc_stats = _GCStats()
+    return _gc_stats
+
+
+#: Close enough to the process start: this module is imported while the node starts.
+_STARTED = time.time()
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class _ProcessMetrics:
+    """Prometheus' standard ``process_*`` and ``python_gc_*`` series, read at scrape time."""
+
+    def __init__(self, r: Registry) -> None:
+        self.cpu = r.add(Counter("process_cpu_seconds_total", "User and system CPU time spent, in seconds."))
+        self.rss = r.add(Gauge("process_resident_memory_bytes", "Resident memory size in bytes."))
+        self.fds = r.add(Gauge("process_open_fds", "Open file descriptors."))
+        self.max_fds = r.add(Gauge("process_max_fds", "Soft limit on open file descriptors."))
+        self.start = r.add(Gauge("process_start_time_seconds", "Start time of the process, Unix seconds."))
+        self.gc_collections = r.add(Counter(
+            "python_gc_collections_total", "Garbage collections, by generation.", ("generation",),
+        ))
+        self.gc_collected = r.add(Counter(
+            "python_gc_objects_collected_total", "Objects the collector freed, by generation.", ("generation",),
+        ))
+        self.gc_pause = r.add(Histogram(
+            "python_gc_pause_seconds", "Time the collector stopped the process, by generation.",
+            ("generation",), buckets=GC_BUCKETS,
+        ))
+        self._gc = _gc()
+        self._pauses_seen: list[list[float]] = []
+        self.start.set(to=round(_STARTED, 3))
+        r.on_collect(self.collect)
+        self.collect()
+
+    def collect(self) -> None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.cpu._values[()] = ru.ru_utime + ru.ru_stime
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                self.rss.set(to=int(f.read().split()[1]) * _PAGE)
+            self.fds.set(to=len(os.listdir("/proc/self/fd")))
+        except OSError:  # not Linux: resident size from getrusage (peak, KiB), no fd count
+            self.rss.set(to=ru.ru_maxrss * 1024)
+        self.max_fds.set(to=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        st = self._gc
+        for g in range(3):
+            label = str(g)
+            self.gc_collections._values[(label,)] = st.collections[g]
+            self.gc_collected._values[(label,)] = st.collected[g]
+            pauses, st.pauses[g] = st.pauses[g], []
+            self.gc_pause.zero(label)
+            for p in pauses:
+                self.gc_pause.observe(p, label)

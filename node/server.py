@@ -197,7 +197,10 @@ class Node:
         self.config = config
         self.config_path = config_path
         access = AccessControl(config, state_dir=state_dir(config, config_path))
-        self.gateway = Gateway(config, transport_factory=transport_factory, access=access)
+        self.gateway = Gateway(
+            config, transport_factory=transport_factory, access=access, access_sink=logs.ACCESS
+        )
+        logs.WRITER.on_drop = self.gateway.metrics.log_lines_dropped.inc
         self._stop = asyncio.Event()
         self._reload_now = asyncio.Event()
         self._runner: web.ServerRunner | None = None
@@ -401,4 +404,7 @@ def serve(config: Config, *, config_path: Path | None = None) -> None:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    runner(Node(config, config_path=config_path).run())
+    try:
+        runner(Node(config, config_path=config_path).run())
+    finally:
+        logs.flush()
