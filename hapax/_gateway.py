@@ -132,6 +132,8 @@ class Gateway:
         self._transport_factory = transport_factory
         self.runtime = Runtime(config, generation=1, transport_factory=transport_factory)
         self._bind_metrics(config)
+        # Deployments known now, not at the first call: their series exist from start-up.
+        self.dispatcher.sync(self.runtime)
         self.draining = False
         self.started_at = int(time.time())
         self.in_flight = 0

@@ -169,7 +169,8 @@ def test_metrics_and_health(gw: GatewayProcess) -> None:
     assert 'hapax_requests_total{route="chat_completions",model="demo",provider="demo",status="200"} 2' in text
     # An unknown model name never becomes a label value.
     assert 'model="who"' not in text
-    assert 'hapax_errors_total{type="invalid_request_error",code="model_not_found"} 1' in text
+    assert ('hapax_errors_total{route="chat_completions",model="none",type="invalid_request_error",'
+            'code="model_not_found"} 1') in text
     assert 'hapax_tokens_total{model="demo",provider="demo",direction="output"}' in text
     assert 'hapax_time_to_first_token_seconds_count{model="demo",provider="demo"} 1' in text
     assert "hapax_gateway_overhead_seconds_bucket" in text
