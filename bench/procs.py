@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,14 +34,19 @@ def cpu_seconds(pid: int) -> float:
 class Proc:
     """A child process, optionally pinned with taskset (which execs, so the pid is the server's)."""
 
-    def __init__(self, name: str, cmd: list[str], log_dir: Path, *, cpus: str | None, env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, cmd: list[str], log_dir: Path, *, cpus: str | None, env: dict[str, str],
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.name = name
         if cpus is not None:
             cmd = ["taskset", "-c", cpus, *cmd]
         self.cmd = cmd
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+        )
 
     @property
     def pid(self) -> int:

@@ -5,9 +5,11 @@ by ``Content-Length`` only and answers every one from pre-built bytes, so the
 thing under test is never waiting on it. A request whose body contains
 ``"stream":true`` gets an SSE stream (``--chunks`` content chunks, a usage
 chunk and ``data: [DONE]``) in chunked transfer encoding, written in one
-``write``; anything else gets a ``chat.completion`` JSON object.
+``write``; anything else gets a ``chat.completion`` JSON object. With
+``--chunk-ms``, a stream's events are written one per interval instead, as a
+model generating tokens would (the streams benchmark).
 
-    python -m bench.upstream --port 9000 [--chunks 20]
+    python -m bench.upstream --port 9000 [--chunks 20] [--chunk-ms 100]
 """
 
 from __future__ import annotations
@@ -91,11 +93,30 @@ def canned_responses(chunks: int) -> tuple[bytes, bytes]:
     return plain, stream
 
 
+def dripped_frames(chunks: int) -> list[bytes]:
+    """The stream response cut into writes: headers with the first event, one event per write,
+    then the usage chunk, [DONE] and the terminating chunk with the last content event."""
+    frames = [b"%x\r\n%b\r\n" % (len(ev), ev) for ev in sse_events(chunks)]
+    head = (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Content-Type: text/event-stream; charset=utf-8\r\n"
+        b"Cache-Control: no-cache\r\n"
+        b"Transfer-Encoding: chunked\r\n"
+        b"Connection: keep-alive\r\n"
+        b"\r\n"
+    )
+    content = frames[:chunks]
+    return [head + content[0], *content[1:-1], content[-1] + b"".join(frames[chunks:]) + b"0\r\n\r\n"]
+
+
 class CannedHTTP(asyncio.Protocol):
     """Frames pipelined/keep-alive requests by Content-Length and answers each at once."""
 
     plain = b""
     stream = b""
+    #: With --chunk-ms: seconds between a stream's writes, and the writes.
+    interval = 0.0
+    dripped: list[bytes] = []
 
     def __init__(self) -> None:
         self.buf = bytearray()
@@ -124,13 +145,30 @@ class CannedHTTP(asyncio.Protocol):
             body = bytes(buf[end + 4 : total])
             del buf[:total]
             streaming = b'"stream":true' in body or b'"stream": true' in body
+            if streaming and self.interval:
+                self._drip(0)  # keep-alive clients send the next request after this one ends
+                continue
             out.append(self.stream if streaming else self.plain)
         if out and self.transport is not None:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
-async def serve(host: str, port: int, chunks: int) -> None:
+    def _drip(self, i: int) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.write(self.dripped[i])
+        if i + 1 < len(self.dripped):
+            asyncio.get_running_loop().call_later(self.interval, self._drip, i + 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+
+async def serve(host: str, port: int, chunks: int, chunk_ms: float = 0.0) -> None:
     CannedHTTP.plain, CannedHTTP.stream = canned_responses(chunks)
+    CannedHTTP.interval = chunk_ms / 1000
+    CannedHTTP.dripped = dripped_frames(chunks)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(CannedHTTP, host, port, backlog=1024, reuse_address=True)
     stop = asyncio.Event()
@@ -145,13 +183,18 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
+    p.add_argument("--chunk-ms", type=float, default=0.0, help="ms between a stream's chunks (0: all at once)")
     a = p.parse_args()
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # thousands of streams
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(a.host, a.port, a.chunks))
+        asyncio.run(serve(a.host, a.port, a.chunks, a.chunk_ms))
     else:
-        uvloop.run(serve(a.host, a.port, a.chunks))
+        uvloop.run(serve(a.host, a.port, a.chunks, a.chunk_ms))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,316 @@
+"""``python -m bench streams``: thousands of concurrent slow streams through one node.
+
+The upstream (bench/upstream.py ``--chunk-ms``) writes each stream's chunks at a
+fixed interval, as a model generating tokens does. A bounded asyncio load
+generator (this process, raw sockets) opens ``--streams`` connections over
+``--ramp-s`` seconds, sends one streaming chat completion on each and reads it
+to the end. For every stream it records when the first event arrived (after
+the request was sent) and the worst gap between two reads that carried
+events; a stall anywhere in the node (a long GC pause, a blocked loop) shows
+up as a gap far above the chunk interval on every stream open at the time.
+A probe meanwhile times ``GET /health/live`` every 100 ms.
+
+``--gc tuned,default`` runs the node with its GC tuning (``node.server.tune_gc``)
+and without, one after the other in the same run, so the two can be compared
+on a machine whose load changes over time.
+
+    python -m bench streams --streams 2000 --chunk-ms 100 --chunks 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import wrk
+from .procs import ROOT, Proc, free_port
+
+GC_MODES = {"tuned": ["-m", "node"], "default": ["-m", "bench.gc_default_node"]}
+
+
+@dataclass
+class StreamResult:
+    first_event_s: float | None = None
+    worst_gap_s: float = 0.0
+    events: int = 0
+    error: str = ""
+
+
+@dataclass
+class Wave:
+    gc_mode: str
+    streams: list[StreamResult] = field(default_factory=list)
+    live_ms: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    node_gc: dict[str, float] = field(default_factory=dict)
+
+    def summary(self, chunk_ms: float) -> dict[str, Any]:
+        ok = [s for s in self.streams if not s.error and s.first_event_s is not None]
+        gaps = sorted(s.worst_gap_s * 1000 for s in ok)
+        firsts = sorted((s.first_event_s or 0.0) * 1000 for s in ok)
+        errors: dict[str, int] = {}
+        for s in self.streams:
+            if s.error:
+                errors[s.error] = errors.get(s.error, 0) + 1
+        return {
+            "gc": self.gc_mode,
+            "streams": len(self.streams),
+            "ok": len(ok),
+            "errors": errors,
+            "worst_gap_ms_p50": _pct(gaps, 50),
+            "worst_gap_ms_p99": _pct(gaps, 99),
+            "worst_gap_ms_max": gaps[-1] if gaps else None,
+            "worst_gap_over_interval_p99": (_pct(gaps, 99) or 0) / chunk_ms,
+            "first_event_ms_p50": _pct(firsts, 50),
+            "first_event_ms_p99": _pct(firsts, 99),
+            "health_live_ms_max": max(self.live_ms) if self.live_ms else None,
+            "health_live_ms_p50": statistics.median(self.live_ms) if self.live_ms else None,
+            "wall_s": self.wall_s,
+            "node_gc": self.node_gc,
+        }
+
+
+def _pct(sorted_values: list[float], p: float) -> float | None:
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values)) - 1))
+    return sorted_values[i]
+
+
+def _request(port: int) -> bytes:
+    body = wrk.request_body(True)
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nAuthorization: Bearer {wrk.API_KEY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def _one_stream(port: int, delay: float, timeout: float, out: StreamResult) -> None:
+    await asyncio.sleep(delay)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+    except (OSError, TimeoutError) as exc:
+        out.error = f"connect: {type(exc).__name__}"
+        return
+    try:
+        writer.write(_request(port))
+        sent = time.perf_counter()
+        last: float | None = None
+        deadline = sent + timeout
+        head = b""
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                out.error = "timeout"
+                return
+            data = await asyncio.wait_for(reader.read(65536), left)
+            now = time.perf_counter()
+            if not data:
+                out.error = "closed early"
+                return
+            if out.events == 0 and not head.startswith(b"HTTP/1.1 200"):
+                head += data
+                if len(head) >= 12 and not head.startswith(b"HTTP/1.1 200"):
+                    out.error = "status " + head[9:12].decode(errors="replace")
+                    return
+            n = data.count(b"data: ")
+            if n:
+                if last is None:
+                    out.first_event_s = now - sent
+                else:
+                    out.worst_gap_s = max(out.worst_gap_s, now - last)
+                last = now
+                out.events += n
+            if b"data: [DONE]" in data:
+                return
+    except (OSError, TimeoutError) as exc:
+        out.error = type(exc).__name__
+    finally:
+        writer.close()
+
+
+async def _probe_live(port: int, stop: asyncio.Event, out: list[float]) -> None:
+    req = f"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 30)
+            writer.write(req)
+            await asyncio.wait_for(reader.read(), 30)
+            writer.close()
+        except (OSError, TimeoutError):
+            pass
+        out.append((time.perf_counter() - t0) * 1000)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+
+
+async def _wave(port: int, n: int, ramp_s: float, timeout: float) -> tuple[list[StreamResult], list[float], float]:
+    results = [StreamResult() for _ in range(n)]
+    live: list[float] = []
+    stop = asyncio.Event()
+    probe = asyncio.create_task(_probe_live(port, stop, live))
+    t0 = time.perf_counter()
+    await asyncio.gather(*(
+        _one_stream(port, ramp_s * i / n, timeout, r) for i, r in enumerate(results)
+    ))
+    wall = time.perf_counter() - t0
+    stop.set()
+    await probe
+    return results, live, wall
+
+
+def _node_gc(port: int) -> dict[str, float]:
+    import urllib.request
+
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(("python_gc_collections_total", "python_gc_pause_seconds_sum",
+                                "python_gc_pause_seconds_count")):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+    return out
+
+
+def _config(port: int, upstream_port: int, streams: int) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": port},
+        "providers": {
+            "bench": {
+                "type": "openai",
+                "base_url": f"http://127.0.0.1:{upstream_port}/v1",
+                "api_key": "sk-upstream-bench",
+                "pool_size": streams + 100,
+            }
+        },
+        "models": [{"name": wrk.MODEL, "provider": "bench", "model": "bench-upstream-model"}],
+    }
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench streams", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", type=int, default=2000, help="concurrent streams (2000)")
+    p.add_argument("--chunk-ms", type=float, default=100.0, help="ms between a stream's chunks (100)")
+    p.add_argument("--chunks", type=int, default=30, help="content chunks per stream (30: 3 s at 100 ms)")
+    p.add_argument("--ramp-s", type=float, default=1.0,
+                   help="seconds over which the streams start (1.0; 0: all at once)")
+    p.add_argument("--gc", default="tuned", help="node GC: tuned, default, or a comma list run in turn")
+    p.add_argument("--waves", type=int, default=1, help="waves per GC mode (1)")
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--gateway-cpus", default="1")
+    p.add_argument("--load-cpus", default="0")
+    p.add_argument("--no-pin", action="store_true")
+    p.add_argument("--no-save", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    a = _args(argv)
+    modes = [m for m in a.gc.split(",") if m]
+    if bad := set(modes) - set(GC_MODES):
+        raise SystemExit(f"--gc takes tuned, default or both, not {sorted(bad)}")
+    if a.chunks < 2:
+        raise SystemExit("--chunks must be at least 2")
+    _raise_nofile()  # this process holds every client socket
+    pin = not a.no_pin and (os.cpu_count() or 1) >= 2
+    gw_cpus = a.gateway_cpus if pin else None
+    load_cpus = a.load_cpus if pin else None
+    if load_cpus is not None:
+        os.sched_setaffinity(0, {int(c) for c in load_cpus.split(",")})
+    tmp = Path(tempfile.mkdtemp(prefix="hapax-bench-streams-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    timeout = a.chunks * a.chunk_ms / 1000 + 60
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:  # pragma: no cover
+        run = asyncio.run
+    # The generator's own collections would show up as gaps: it keeps little, so it does without.
+    gc.disable()
+    up_port = free_port()
+    upstream = Proc("upstream", [sys.executable, "-m", "bench.upstream", "--port", str(up_port),
+                                 "--chunks", str(a.chunks), "--chunk-ms", str(a.chunk_ms)],
+                    tmp, cpus=load_cpus, env=env)
+    waves: list[Wave] = []
+    try:
+        upstream.wait_port(up_port)
+        for mode in modes:
+            port = free_port()
+            cfg = tmp / f"hapax-{mode}.yaml"
+            cfg.write_text(yaml.safe_dump(_config(port, up_port, a.streams)))
+            node = Proc(f"hapax-{mode}", [a.python, *GC_MODES[mode], "serve", "--config", str(cfg)],
+                        tmp, cpus=gw_cpus, env=env, preexec_fn=_raise_nofile)
+            try:
+                node.wait_http(f"http://127.0.0.1:{port}/health/ready")
+                for _ in range(a.waves):
+                    before = _node_gc(port)
+                    results, live, wall = run(_wave(port, a.streams, a.ramp_s, timeout))
+                    after = _node_gc(port)
+                    node.check()
+                    w = Wave(mode, results, live, wall,
+                             {k: after[k] - before.get(k, 0.0) for k in after})
+                    waves.append(w)
+                    print(json.dumps(w.summary(a.chunk_ms)), flush=True)
+            finally:
+                node.stop()
+    finally:
+        upstream.stop()
+    print()
+    print(f"{a.streams} streams, {a.chunks} chunks every {a.chunk_ms:g} ms, started over {a.ramp_s:g} s")
+    print(render([w.summary(a.chunk_ms) for w in waves]))
+    if not a.no_save:
+        results_dir = ROOT / "bench" / "results"
+        results_dir.mkdir(exist_ok=True)
+        out = results_dir / f"streams-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        out.write_text(json.dumps({"settings": vars(a), "waves": [w.summary(a.chunk_ms) for w in waves]},
+                                  indent=2))
+        print(f"\nwrote {out.relative_to(ROOT)}")
+    return 0
+
+
+_GEN2_N = 'python_gc_collections_total{generation="2"}'
+_GEN2_PAUSE = 'python_gc_pause_seconds_sum{generation="2"}'
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'gc':<8} {'ok':>6} {'errors':>6} {'gap p50':>8} {'gap p99':>8} {'gap max':>8} "
+            f"{'first p50':>9} {'first p99':>9} {'live max':>8} {'gen2 n':>6} {'gen2 pause s':>12}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        g = r["node_gc"]
+        lines.append(
+            f"{r['gc']:<8} {r['ok']:>6} {sum(r['errors'].values()):>6} {_f(r['worst_gap_ms_p50'])} "
+            f"{_f(r['worst_gap_ms_p99'])} {_f(r['worst_gap_ms_max'])} {_f(r['first_event_ms_p50'], 9)} "
+            f"{_f(r['first_event_ms_p99'], 9)} {_f(r['health_live_ms_max'])} "
+            f"{g.get(_GEN2_N, 0):>6.0f} {g.get(_GEN2_PAUSE, 0):>12.3f}"
+        )
+    lines.append("(ms; gap = a stream's worst interval between two event reads; first = request sent -> first event)")
+    return "\n".join(lines)
+
+
+def _f(v: float | None, w: int = 8) -> str:
+    return "-".rjust(w) if v is None else f"{v:>{w}.0f}"
