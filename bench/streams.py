@@ -57,6 +57,8 @@ class Wave:
     live_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     node_gc: dict[str, float] = field(default_factory=dict)
+    #: CPU used during the wave, in % of one core: a saturated node or generator skews everything.
+    core_pct: dict[str, float] = field(default_factory=dict)
 
     def summary(self, chunk_ms: float) -> dict[str, Any]:
         ok = [s for s in self.streams if not s.error and s.first_event_s is not None]
@@ -81,6 +83,7 @@ class Wave:
             "health_live_ms_p50": statistics.median(self.live_ms) if self.live_ms else None,
             "wall_s": self.wall_s,
             "node_gc": self.node_gc,
+            "core_pct": self.core_pct,
         }
 
 
@@ -203,6 +206,11 @@ def _config(port: int, upstream_port: int, streams: int) -> dict[str, Any]:
     }
 
 
+def _own_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -268,11 +276,15 @@ def main(argv: list[str]) -> int:
                 node.wait_http(f"http://127.0.0.1:{port}/health/ready")
                 for _ in range(a.waves):
                     before = _node_gc(port)
+                    cpu0, own0, up0 = node.cpu(), _own_cpu(), upstream.cpu()
                     results, live, wall = run(_wave(port, a.streams, a.ramp_s, timeout))
+                    cpu = {"node": node.cpu() - cpu0, "generator": _own_cpu() - own0,
+                           "upstream": upstream.cpu() - up0}
                     after = _node_gc(port)
                     node.check()
                     w = Wave(mode, results, live, wall,
-                             {k: after[k] - before.get(k, 0.0) for k in after})
+                             {k: after[k] - before.get(k, 0.0) for k in after},
+                             {k: round(100 * v / wall, 1) for k, v in cpu.items()})
                     waves.append(w)
                     print(json.dumps(w.summary(a.chunk_ms)), flush=True)
             finally:
@@ -298,7 +310,8 @@ _GEN2_PAUSE = 'python_gc_pause_seconds_sum{generation="2"}'
 
 def render(rows: list[dict[str, Any]]) -> str:
     head = (f"{'gc':<8} {'ok':>6} {'errors':>6} {'gap p50':>8} {'gap p99':>8} {'gap max':>8} "
-            f"{'first p50':>9} {'first p99':>9} {'live max':>8} {'gen2 n':>6} {'gen2 pause s':>12}")
+            f"{'first p50':>9} {'first p99':>9} {'live max':>8} {'gen2 n':>6} {'gen2 pause s':>12} "
+            f"{'node %':>6} {'gen %':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         g = r["node_gc"]
@@ -306,7 +319,8 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"{r['gc']:<8} {r['ok']:>6} {sum(r['errors'].values()):>6} {_f(r['worst_gap_ms_p50'])} "
             f"{_f(r['worst_gap_ms_p99'])} {_f(r['worst_gap_ms_max'])} {_f(r['first_event_ms_p50'], 9)} "
             f"{_f(r['first_event_ms_p99'], 9)} {_f(r['health_live_ms_max'])} "
-            f"{g.get(_GEN2_N, 0):>6.0f} {g.get(_GEN2_PAUSE, 0):>12.3f}"
+            f"{g.get(_GEN2_N, 0):>6.0f} {g.get(_GEN2_PAUSE, 0):>12.3f} "
+            f"{r['core_pct'].get('node', 0):>6.0f} {r['core_pct'].get('generator', 0):>5.0f}"
         )
     lines.append("(ms; gap = a stream's worst interval between two event reads; first = request sent -> first event)")
     return "\n".join(lines)

@@ -170,7 +170,7 @@ async def serve(host: str, port: int, chunks: int, chunk_ms: float = 0.0) -> Non
     CannedHTTP.interval = chunk_ms / 1000
     CannedHTTP.dripped = dripped_frames(chunks)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(CannedHTTP, host, port, backlog=1024, reuse_address=True)
+    server = await loop.create_server(CannedHTTP, host, port, backlog=4096, reuse_address=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
