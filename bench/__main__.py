@@ -4,6 +4,10 @@ if sys.argv[1:2] == ["streams"]:
     from .streams import main as streams
 
     sys.exit(streams(sys.argv[2:]))
+if sys.argv[1:2] == ["accesslog"]:
+    from .accesslog import main as accesslog
+
+    sys.exit(accesslog(sys.argv[2:]))
 
 from .run import main
 
