@@ -488,6 +488,9 @@ class _ProcessMetrics:
             "python_gc_pause_seconds", "Time the collector stopped the process, by generation.",
             ("generation",), buckets=GC_BUCKETS,
         ))
+        self.gc_frozen = r.add(Gauge(
+            "python_gc_frozen_objects", "Objects gc.freeze() moved out of the collector's reach.",
+        ))
         self._gc = _gc()
         self._pauses_seen: list[list[float]] = []
         self.start.set(to=round(_STARTED, 3))
@@ -504,6 +507,7 @@ class _ProcessMetrics:
         except OSError:  # not Linux: resident size from getrusage (peak, KiB), no fd count
             self.rss.set(to=ru.ru_maxrss * 1024)
         self.max_fds.set(to=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.gc_frozen.set(to=gc.get_freeze_count())
         st = self._gc
         for g in range(3):
             label = str(g)

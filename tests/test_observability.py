@@ -82,6 +82,8 @@ def test_counters_exist_at_zero_before_any_request(gateway: Callable[..., Gatewa
     assert 0 < time.time() - m["process_start_time_seconds"] < 600
     assert 'python_gc_collections_total{generation="2"}' in m
     assert 'python_gc_pause_seconds_count{generation="0"}' in m
+    # What start-up built is frozen: full collections under load no longer walk it.
+    assert m["python_gc_frozen_objects"] > 10_000
 
 
 def test_latency_by_model_status_class_and_deployment(gateway: Callable[..., GatewayProcess]) -> None:
