@@ -153,6 +153,7 @@ class Gateway:
         old.retire(new)
         self.access.apply(config)
         self._bind_metrics(config)
+        self.dispatcher.sync(new)
         return new
 
     def _bind_metrics(self, config: Config) -> None:

@@ -222,3 +222,17 @@ def test_a_stderr_pipe_nobody_reads_does_not_stall_requests(
 
     threading.Thread(target=read, daemon=True).start()
     assert done.wait(30), f"{seen[0]} of {n} access lines"
+
+
+def test_a_reload_adds_the_new_models_series_at_zero(gateway: Callable[..., GatewayProcess]) -> None:
+    cfg = _config()
+    gw = gateway(cfg)
+    models = [*cfg["models"], {"name": "extra", "provider": "demo", "model": "extra-up"}]  # type: ignore[misc]
+    gw.write_config({**cfg, "models": models})
+    gw.signal(signal.SIGHUP)
+    want = ('hapax_requests_total{route="chat_completions",model="extra",provider="demo",status="502"}',
+            'hapax_upstream_attempts_total{deployment="demo/extra-up",outcome="ok"}')
+    deadline = time.monotonic() + 10
+    while not all(k in (m := _metrics(gw)) for k in want) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [m.get(k) for k in want] == [0, 0]
