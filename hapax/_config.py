@@ -41,6 +41,8 @@ DEFAULT_BODY_TIMEOUT = 60.0
 DEFAULT_STREAM_WRITE_TIMEOUT = 30.0
 #: Connections per process; the file-descriptor limit may lower it (node.limits).
 DEFAULT_MAX_CONNECTIONS = 10_000
+#: Linux's default net.core.somaxconn since 5.4; larger values are capped by the kernel anyway.
+DEFAULT_LISTEN_BACKLOG = 4096
 
 #: Request headers no ``forward_headers`` may name: the client's credentials (the gateway's
 #: own go upstream instead), cookies, hop-by-hop and framing headers, and the ones adapters set.
@@ -188,6 +190,9 @@ class ServerConfig(_Model):
         DEFAULT_STREAM_WRITE_TIMEOUT, gt=0, description="a response the client does not read, seconds"
     )
     max_connections: int = Field(DEFAULT_MAX_CONNECTIONS, ge=1, description="open client connections")
+    #: Connections the kernel queues before accept(); the kernel caps it at net.core.somaxconn.
+    #: 1,024 overflowed when 2,000 streams arrived together (SYNs dropped, 1/3/7 s retries).
+    listen_backlog: int = Field(DEFAULT_LISTEN_BACKLOG, ge=1, description="pending connections")
 
 
 class LoggingConfig(_Model):

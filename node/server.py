@@ -230,7 +230,7 @@ class Node:
         self._fd_watch = asyncio.create_task(self._watch_fds())
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, srv.host, srv.port, reuse_port=True, backlog=1024)
+        site = web.TCPSite(self._runner, srv.host, srv.port, reuse_port=True, backlog=srv.listen_backlog)
         await site.start()
         self.addresses = [f"{a[0]}:{a[1]}" for a in self._runner.addresses if isinstance(a, tuple)]
         self.gateway.start()

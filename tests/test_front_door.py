@@ -12,6 +12,7 @@ import re
 import resource
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -269,6 +270,18 @@ def test_more_idle_sockets_than_descriptors_still_leaves_room_for_probes(
             s.close()
     assert "server.max_connections lowered to fit the file-descriptor limit" in gw.logs()
     assert _metric(gw, 'hapax_connections_closed_total{reason="idle_evicted"}') >= 300 - 128
+
+
+def test_listen_backlog_is_the_configured_one(gateway: Callable[..., GatewayProcess]) -> None:
+    # A burst of 2,000 streams overflowed the old fixed backlog of 1,024 (SYNs dropped).
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    want = min(2000, somaxconn)
+    gw = gateway(_config({"listen_backlog": want}))
+    # For a listening socket, ss reports the accept backlog as its Send-Q.
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{gw.port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert int(out[2]) == want
 
 
 # -- costly bodies ---------------------------------------------------------------------------
