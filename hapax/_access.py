@@ -348,8 +348,7 @@ class AccessControl:
         est_prompt = estimate_prompt_tokens(body)
         est_out = self._output_estimate(body, ex)
         est_tokens = est_prompt + est_out
-        price = self.prices.find(model.name, (d.model for d in model.deployments))
-        est_usd = cost_usd(price, prompt=est_prompt, completion=est_out)
+        est_usd = self.prices.reserve_cost(model, prompt=est_prompt, completion=est_out)
 
         rate_scopes: list[Scope] = []
         budget_scopes: list[BudgetScope] = []
@@ -465,8 +464,12 @@ class AccessControl:
                 admission.estimate_tokens - admission.estimate_prompt, usage.completion_tokens if usage else 0
             )
         tokens = prompt + completion
-        price = self.prices.find(model.name, (d.model for d in model.deployments))
-        cost = cost_usd(price, prompt=prompt, completion=completion, cached=cached)
+        if ex.upstream_model:
+            # Priced by the deployment that answered: one public model may be self-hosted and Claude.
+            price = self.prices.find(model.name, provider=ex.provider, upstream=ex.upstream_model)
+            cost = cost_usd(price, prompt=prompt, completion=completion, cached=cached)
+        else:  # no deployment answered; charge as reserved (nothing, unless output went out)
+            cost = self.prices.reserve_cost(model, prompt=prompt, completion=completion)
         ex.cost_usd = cost
         if admission.rate is not None:
             self.limiter.settle(admission.rate, tokens, now=self._mono())
@@ -476,7 +479,7 @@ class AccessControl:
         team = p.team or ""
         failed = ex.error is not None or (ex.status >= 400)
         self.ledger.record(
-            day=admission.day, key=p.id, team=team, model=model.name,
+            day=admission.day, key=p.id, team=team, model=model.name, deployment=ex.deployment,
             prompt=prompt, completion=completion, cached=cached, cost=cost, error=failed,
         )
         m = self.metrics

@@ -14,7 +14,8 @@ lacks the permission), and every change is audited with its own event.
     PATCH  /admin/keys/{id}              manage_keys
     POST   /admin/keys/{id}/rotate       manage_keys   the new secret once; the old one stops at once
     POST   /admin/keys/{id}/revoke       manage_keys   (also DELETE /admin/keys/{id})
-    GET    /admin/usage                  read_usage    ?key=&team=&model=&from=&to=&group_by=&format=json|csv
+    GET    /admin/usage                  read_usage    ?key=&team=&model=&deployment=&from=&to=&group_by=
+                                                       &format=json|csv
 
 ``{id}`` is a key's id or its name (unique among active keys; 409 when it is not).
     GET    /admin/config                 manage_config the config in force, secrets redacted
@@ -251,7 +252,8 @@ def usage(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str)
     by = tuple(d.strip() for d in q.get("group_by", "").split(",") if d.strip())
     if any(d not in GROUPS for d in by) or len(set(by)) != len(by):
         raise InvalidField(f"group_by takes a comma-separated subset of {', '.join(GROUPS)}", param="group_by")
-    rows = ac.ledger.query(key=key, team=q.get("team"), model=q.get("model"), since=since, until=until)
+    rows = ac.ledger.query(key=key, team=q.get("team"), model=q.get("model"), since=since, until=until,
+                           deployment=q.get("deployment"))
     if by:
         rows = group(rows, by)
     if not by or "key" in by:
@@ -264,7 +266,7 @@ def usage(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str)
     fmt = q.get("format", "json")
     if fmt == "csv":
         # key_name last: scripts reading the earlier columns by position keep working.
-        fields = (*(by or ROW_FIELDS[:4]), *SUMS, *(("key_name",) if not by or "key" in by else ()))
+        fields = (*(by or ROW_FIELDS[:5]), *SUMS, *(("key_name",) if not by or "key" in by else ()))
         return Response(200, {"content-type": "text/csv; charset=utf-8"}, to_csv(rows, fields).encode())
     if fmt != "json":
         raise InvalidField("format must be json or csv", param="format")

@@ -51,6 +51,7 @@ from ._breaker import STATE_VALUE, BreakerState, Permit
 from ._config import Config, Deployment, ModelConfig
 from ._dedup import InFlight, MemoryInFlight, dedup_key
 from ._errors import (
+    MISCONFIGURED,
     HapaxError,
     InvalidField,
     NoHealthyUpstream,
@@ -204,6 +205,7 @@ class Dispatcher:
         ex.attempts = d.attempts
         ex.provider = d.deployment.provider
         ex.deployment = f"{d.deployment.provider}/{d.deployment.model}"
+        ex.upstream_model = d.deployment.model
         ex.upstream_seconds = d.upstream_seconds
         return dataclasses.replace(d, headers={**d.headers, "x-hapax-dedup": "shared"})
 
@@ -233,6 +235,8 @@ class Dispatcher:
         breakers_on = rel.circuit_breaker.enabled
         plan = RetryPlan(model.retry or rel.retry, now=self._clock(), rng=self._rng)
         tried: dict[str, int] = {}
+        #: (deployment, code, status) of each failed attempt, for the error the client gets.
+        trail: list[tuple[str, str, int]] = []
         skip: set[str] = set()
         last: HapaxError | None = None
         prev: str | None = None
@@ -251,7 +255,9 @@ class Dispatcher:
                         waited = True
                         await asyncio.sleep(step.delay + TIMER_SLACK)
                         continue
-                raise last if last is not None else self._no_upstream(model, now)
+                if last is None:
+                    raise self._no_upstream(model, now)
+                raise _gave_up(last, trail, t_first)
             if last is not None and not waited:
                 nxt = cands[0]
                 step = plan.next_step(
@@ -261,7 +267,7 @@ class Dispatcher:
                     now=now,
                 )
                 if isinstance(step, GiveUp):
-                    raise last
+                    raise _gave_up(last, trail, t_first)
                 if step.delay > 0:
                     waited = True
                     await asyncio.sleep(step.delay)
@@ -298,6 +304,7 @@ class Dispatcher:
             ex.attempts += 1
             ex.provider = c.dep.provider
             ex.deployment = c.key
+            ex.upstream_model = c.dep.model
             if prev is not None:
                 self.metrics.retries.inc(self.metrics.models(model.name))
                 if c.key != prev:
@@ -312,8 +319,13 @@ class Dispatcher:
                 if not isinstance(exc, HapaxError):
                     raise
                 last = exc
+                trail.append((c.key, exc.code, exc.status))
                 if not isinstance(exc, UpstreamError) or not exc.retryable:
+                    _gave_up(exc, trail, t_first)
                     raise
+                if exc.code == MISCONFIGURED:
+                    # The route itself is missing: the same deployment will answer the same.
+                    skip.add(c.key)
                 continue
             if breakers_on:
                 breaker.on_success(permit, now=self._clock())
@@ -559,6 +571,16 @@ class Dispatcher:
             "deployments": sorted(deployments, key=lambda d: str(d["deployment"])),
             "queue": {"waiting": self.gate.table.waiting},
         }
+
+
+def _gave_up(exc: HapaxError, trail: list[tuple[str, str, int]], t_first: float) -> HapaxError:
+    """``exc`` carrying what was tried and for how long, for the gateway's error headers and body.
+
+    It is on the exception, not the exchange: deduplicated callers share the one exception.
+    """
+    exc.tried = tuple(trail)
+    exc.upstream_seconds = time.perf_counter() - t_first
+    return exc
 
 
 def _limits(cfg: Config) -> dict[str, int | None]:

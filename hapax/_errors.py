@@ -26,6 +26,7 @@ JSON at exactly one boundary (``hapax._gateway``), in OpenAI or Anthropic shape.
     │   ├── UpstreamBadRequest      4xx the provider blamed on the request
     │   ├── UpstreamRateLimited     429
     │   ├── UpstreamUnavailable     502 connect/reset/5xx/malformed
+    │   │   └── UpstreamMisconfigured   502 the provider has no such route (a wrong base_url)
     │   ├── UpstreamTimeout         504
     │   └── NoHealthyUpstream       503
     ├── ServiceUnavailable          503 (draining, no config)
@@ -48,6 +49,10 @@ class HapaxError(Exception):
     code: ClassVar[str] = "internal_error"
     #: Anthropic's name for the same class of error, for /v1/messages.
     anthropic_type: ClassVar[str] = "api_error"
+    #: Set when the dispatcher gave up: (deployment, code, status) of each failed attempt,
+    #: and the seconds spent upstream, for the error's headers and body.
+    tried: tuple[tuple[str, str, int], ...] = ()
+    upstream_seconds: float = 0.0
 
     def __init__(
         self,
@@ -193,6 +198,18 @@ class UpstreamRateLimited(UpstreamError):
 class UpstreamUnavailable(UpstreamError):
     status = 502
     code = "upstream_unavailable"
+
+
+MISCONFIGURED = "upstream_misconfigured"
+
+
+class UpstreamMisconfigured(UpstreamUnavailable):
+    """The provider answered 404 for the API route itself: its ``base_url`` is wrong.
+
+    Not the request's fault (another deployment may serve it), and not the model's.
+    """
+
+    code = MISCONFIGURED
 
 
 class UpstreamTimeout(UpstreamError):

@@ -22,8 +22,11 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     model: str = ""
     provider: str = ""
-    #: The deployment that answered (or was tried last), as ``provider/model``.
+    #: The deployment (``provider/model``) of the last attempt, and its upstream model name.
     deployment: str = ""
+    upstream_model: str = ""
+    #: Whether the client asked for a stream.
+    stream: bool = False
     status: int = 0
     upstream_seconds: float = 0.0
     ttft: float | None = None
@@ -45,6 +48,8 @@ class Exchange:
     dedup: bool = True
     #: The caller's team, when their key has one.
     team: str = ""
+    #: The caller's key's name (for the access log), when they called with a stored key.
+    key_name: str = ""
     #: US dollars this call cost, once settled.
     cost_usd: float | None = None
     #: The caller's ``x-ratelimit-*`` headers once admission looked at its limits: they go

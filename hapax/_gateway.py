@@ -267,6 +267,8 @@ class Gateway:
             )
         principal = await self.access.authenticate(req, ex)
         ex.principal = principal.id
+        if principal.is_key:
+            ex.key_name = principal.name
         ex.priority = _priority(req.headers.get("x-hapax-priority"), principal)
         ex.dedup = req.headers.get("x-hapax-dedup", "").lower() != "off" and len(req.body) <= _DEDUP_MAX_BYTES
         ex.client_headers = req.headers
@@ -281,6 +283,7 @@ class Gateway:
                 param="model",
             )
         ex.model = model.name
+        ex.stream = bool(body.get("stream"))
         admission = await self.access.admit(principal, model, body, ex)
         rt.acquire()
         settled = False
@@ -342,7 +345,8 @@ class Gateway:
             )
         rt = self.runtime
         if path == "/v1/models":
-            data = [self._model_entry(m.name, m.owned_by) for m in rt.config.models]
+            # Aliases are listed too: a client that discovers models here can call any name it sees.
+            data = [self._model_entry(n, m.owned_by) for m in rt.config.models for n in (m.name, *m.aliases)]
             return _json(200, {"object": "list", "data": data})
         public = path[len("/v1/models/") :]
         m = rt.models.get(public)
@@ -384,6 +388,18 @@ class Gateway:
             headers.update(ex.ratelimit_headers)
         if exc.retry_after is not None:
             headers["retry-after"] = str(max(1, round(exc.retry_after)))
+        if exc.tried:
+            # Upstream attempts all failed: say where they went and why, as a success would.
+            last = exc.tried[-1][0]
+            provider, _, upstream = last.partition("/")
+            headers["x-hapax-provider"] = provider
+            headers["x-hapax-upstream-model"] = upstream
+            headers["x-hapax-deployment"] = last
+            headers["x-hapax-attempts"] = str(len(exc.tried))
+            headers["x-hapax-attempted"] = ", ".join(f"{d}={code}" for d, code, _ in exc.tried)
+            ex.attempts = len(exc.tried)
+            ex.deployment, ex.provider = last, provider
+            ex.upstream_seconds = exc.upstream_seconds
         return Response(exc.status, headers, _error_body(exc, ex.request_id, ex.anthropic))
 
     def _stream_error(self, ex: Exchange, exc: HapaxError) -> bytes:
@@ -445,6 +461,9 @@ class Gateway:
             if ex.model:
                 fields["model"] = ex.model
                 fields["provider"] = ex.provider
+                fields["deployment"] = ex.deployment
+                fields["attempts"] = ex.attempts
+                fields["stream"] = ex.stream
                 fields["upstream_ms"] = round(ex.upstream_seconds * 1000, 3)
             if ex.ttft is not None:
                 fields["ttft_ms"] = round(ex.ttft * 1000, 3)
@@ -455,6 +474,8 @@ class Gateway:
                 fields["principal"] = ex.principal
             if ex.team:
                 fields["team"] = ex.team
+            if ex.key_name:
+                fields["key_name"] = ex.key_name
             if ex.cost_usd is not None:
                 fields["cost_usd"] = round(ex.cost_usd, 8)
             if ex.error is not None:
@@ -605,18 +626,15 @@ def _json(status: int, body: Any) -> Response:
 
 
 def _error_body(exc: HapaxError, request_id: str, anthropic: bool) -> bytes:
+    err: dict[str, Any]
     if anthropic:
-        return orjson.dumps({
-            "type": "error",
-            "error": {"type": exc.anthropic_type, "message": exc.message},
-            "request_id": request_id,
-        })
-    return orjson.dumps({
-        "error": {
-            "message": exc.message,
-            "type": exc.type,
-            "param": exc.param,
-            "code": exc.code,
-            "request_id": request_id,
-        }
-    })
+        err = {"type": exc.anthropic_type, "message": exc.message}
+        doc: dict[str, Any] = {"type": "error", "error": err, "request_id": request_id}
+    else:
+        err = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code,
+               "request_id": request_id}
+        doc = {"error": err}
+    if exc.tried:
+        # An extra field beside the provider's own: SDKs keep unknown fields of an error body.
+        err["attempts"] = [{"deployment": d, "code": code, "status": status} for d, code, status in exc.tried]
+    return orjson.dumps(doc)

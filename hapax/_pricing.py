@@ -2,12 +2,22 @@
 
 Theory of operation: a price is US dollars per million tokens for input,
 output and cached input (input served from the provider's prompt cache).
-``PriceTable.find`` looks a model up by its public name, then by each
-upstream model name it is deployed as: first in the config's ``pricing``
-section, then in the shipped ``DEFAULT_PRICES``. A dated upstream name
-(``gpt-4o-mini-2024-07-18``) matches the longest table entry it starts with.
-A model with no price costs 0 and is logged once, so budgets in USD never
-silently block it, but are not enforced on it either.
+
+A call is priced by the deployment that answered it, not by the public name:
+one public model may be served by a self-hosted deployment and by Claude, at
+very different prices. ``PriceTable.find`` looks up, first match wins:
+
+1. ``provider/model`` (the deployment's key) in the config's ``pricing``;
+2. the upstream model name in ``pricing``, then in the shipped ``DEFAULT_PRICES``;
+3. the public name in ``pricing``, then in ``DEFAULT_PRICES`` (the fallback).
+
+A dated upstream name (``gpt-4o-mini-2024-07-18``) matches the longest table
+entry it starts with. A deployment with no price costs 0 and is logged once,
+so budgets in USD never silently block it, but are not enforced on it either.
+
+Before the call the answering deployment is not known yet, so the budget
+reservation uses ``PriceTable.reserve_cost``: the most expensive of the
+model's deployments for that call, an upper bound whichever one answers.
 
     cost = (prompt - cached) * input + cached * cached_input + completion * output
 """
@@ -15,9 +25,13 @@ silently block it, but are not enforced on it either.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ._access_config import ModelPrice
+
+if TYPE_CHECKING:
+    from ._config import ModelConfig
 
 log = logging.getLogger("hapax.access")
 
@@ -91,31 +105,51 @@ _DEFAULTS = {k: ModelPrice(input=i, output=o, cached_input=c) for k, (i, o, c) i
 
 
 class PriceTable:
+    """The prices of one config; rebuilt when the config changes, so its caches need no invalidation."""
+
     def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
         self._overrides = dict(overrides or {})
-        self._cache: dict[tuple[str, ...], ModelPrice] = {}
+        self._cache: dict[tuple[str, str, str], ModelPrice] = {}
+        self._by_model: dict[str, tuple[ModelConfig, tuple[ModelPrice, ...]]] = {}
         self._warned: set[str] = set()
 
-    def find(self, public: str, upstream: Iterable[str] = ()) -> ModelPrice:
-        names = (public, *upstream)
-        hit = self._cache.get(names)
+    def find(self, public: str, *, provider: str = "", upstream: str = "") -> ModelPrice:
+        """The price of a call to ``public`` answered by deployment ``provider``/``upstream``."""
+        k = (public, provider, upstream)
+        hit = self._cache.get(k)
         if hit is not None:
             return hit
         price: ModelPrice | None = None
-        for table in (self._overrides, _DEFAULTS):
-            for n in names:
-                price = _lookup(table, n)
-                if price is not None:
-                    break
+        if provider and upstream:
+            price = self._overrides.get(f"{provider}/{upstream}")
+        for name in (upstream, public) if upstream else (public,):
             if price is not None:
                 break
+            price = _lookup(self._overrides, name) or _lookup(_DEFAULTS, name)
         if price is None:
             price = ZERO
-            if public not in self._warned:
-                self._warned.add(public)
+            what = f"{provider}/{upstream}" if upstream else public
+            if what not in self._warned:
+                self._warned.add(what)
                 log.warning(
                     "no price for model; its calls cost 0 and USD budgets do not limit it",
-                    extra={"fields": {"model": public}},
+                    extra={"fields": {"model": public, "deployment": what}},
                 )
-        self._cache[names] = price
+        self._cache[k] = price
         return price
+
+    def deployment_prices(self, model: ModelConfig) -> tuple[ModelPrice, ...]:
+        """Each of ``model``'s deployments' prices (cached: admission asks on every call)."""
+        hit = self._by_model.get(model.name)
+        if hit is not None and hit[0] is model:
+            return hit[1]
+        prices = tuple(self.find(model.name, provider=d.provider, upstream=d.model) for d in model.deployments)
+        self._by_model[model.name] = (model, prices)
+        return prices
+
+    def reserve_cost(self, model: ModelConfig, *, prompt: int, completion: int) -> float:
+        """What to reserve in USD budgets: the dearest deployment's cost, since any may answer."""
+        return max(
+            (cost_usd(p, prompt=prompt, completion=completion) for p in self.deployment_prices(model)),
+            default=0.0,
+        )

@@ -1,8 +1,11 @@
 """Usage by day, key, team and model: requests, tokens, cost.
 
 Theory of operation: each settled call adds to one row keyed by
-(UTC day, key id, team, public model). Rows are what ``/admin/usage`` answers
-from and what budgets are rebuilt from after a restart. ``UsageFile``
+(UTC day, key id, team, public model, deployment). The deployment is the
+``provider/model`` that answered (empty when none did): one public model may
+be served at different prices, and the row says which. It comes from the
+config, so rows stay bounded by days, keys and deployments. Rows are what
+``/admin/usage`` answers from and what budgets are rebuilt from after a restart. ``UsageFile``
 snapshots the whole ledger atomically; the access layer writes it every few
 seconds and on shutdown, so a crash loses at most that interval. Rows older
 than the retention are dropped on each snapshot.
@@ -23,7 +26,7 @@ from ._budget import day_of
 from ._files import atomic_write
 
 ROW_FIELDS = (
-    "day", "key", "team", "model", "requests", "refused", "errors",
+    "day", "key", "team", "model", "deployment", "requests", "refused", "errors",
     "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens", "cost_usd",
 )
 
@@ -40,7 +43,7 @@ class UsageRow:
     cost_usd: float = 0.0
 
 
-RowKey = tuple[str, str, str, str]  # day, key, team, model
+RowKey = tuple[str, str, str, str, str]  # day, key, team, model, deployment
 
 
 class UsageLedger:
@@ -49,10 +52,10 @@ class UsageLedger:
         self.dirty = False
 
     def record(
-        self, *, day: str, key: str, team: str, model: str,
+        self, *, day: str, key: str, team: str, model: str, deployment: str = "",
         prompt: int, completion: int, cached: int, cost: float, error: bool,
     ) -> None:
-        k = (day, key, team, model)
+        k = (day, key, team, model, deployment)
         r = self.rows.get(k)
         if r is None:
             r = self.rows[k] = UsageRow()
@@ -66,7 +69,7 @@ class UsageLedger:
 
     def refuse(self, *, day: str, key: str, team: str, model: str) -> None:
         """A call refused by a rate limit or budget: it cost nothing, but the caller hit a wall."""
-        k = (day, key, team, model)
+        k = (day, key, team, model, "")  # refused before any deployment was chosen
         r = self.rows.get(k)
         if r is None:
             r = self.rows[k] = UsageRow()
@@ -75,22 +78,24 @@ class UsageLedger:
 
     def query(
         self, *, key: str | None = None, team: str | None = None, model: str | None = None,
-        since: str | None = None, until: str | None = None,
+        since: str | None = None, until: str | None = None, deployment: str | None = None,
     ) -> list[dict[str, Any]]:
         """Rows matching every filter given; ``since``/``until`` are inclusive ``YYYY-MM-DD``."""
         out = []
-        for (day, k, t, m), r in sorted(self.rows.items()):
+        for (day, k, t, m, dep), r in sorted(self.rows.items()):
             if key is not None and k != key:
                 continue
             if team is not None and t != team:
                 continue
             if model is not None and m != model:
                 continue
+            if deployment is not None and dep != deployment:
+                continue
             if since is not None and day < since:
                 continue
             if until is not None and day > until:
                 continue
-            row: dict[str, Any] = {"day": day, "key": k, "team": t, "model": m, **asdict(r)}
+            row: dict[str, Any] = {"day": day, "key": k, "team": t, "model": m, "deployment": dep, **asdict(r)}
             row["total_tokens"] = r.prompt_tokens + r.completion_tokens
             row["cost_usd"] = round(r.cost_usd, 8)
             out.append(row)
@@ -107,7 +112,8 @@ class UsageLedger:
     def load(self, data: bytes) -> None:
         doc = orjson.loads(data)
         for row in doc.get("rows", []):
-            k = (row["day"], row["key"], row["team"], row["model"])
+            # Files written before rows had a deployment load as "" (unknown).
+            k = (row["day"], row["key"], row["team"], row["model"], row.get("deployment", ""))
             self.rows[k] = UsageRow(
                 requests=int(row["requests"]), refused=int(row.get("refused", 0)),
                 errors=int(row.get("errors", 0)),
@@ -117,7 +123,7 @@ class UsageLedger:
 
 
 #: What rows can be grouped by; the other dimensions are summed over.
-GROUPS = ("day", "key", "team", "model")
+GROUPS = ("day", "key", "team", "model", "deployment")
 SUMS = ("requests", "refused", "errors", "prompt_tokens", "completion_tokens", "cached_tokens",
         "total_tokens", "cost_usd")
 

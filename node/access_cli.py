@@ -90,7 +90,8 @@ def add_parsers(sub: Any) -> None:
     u.add_argument("--from", dest="since", metavar="YYYY-MM-DD", help="first day (UTC), inclusive")
     u.add_argument("--to", dest="until", metavar="YYYY-MM-DD", help="last day (UTC), inclusive")
     u.add_argument("--by", default="day,key,team,model",
-                   help="comma-separated: what rows are per, of day,key,team,model (default: all four)")
+                   help="comma-separated: what rows are per, of day,key,team,model,deployment "
+                   "(default: day,key,team,model)")
     u.add_argument("--format", choices=("table", "json", "csv"), default="table")
 
     a = sub.add_parser("audit", help="audit log tools")

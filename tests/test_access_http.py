@@ -428,7 +428,7 @@ def test_budgets_hold_under_concurrency_and_usage_adds_up(gateway: Callable[...,
     assert admin(gw, "GET", f"/admin/usage?from={day}&to={day}").json()["totals"]["requests"] == 10
     assert admin(gw, "GET", "/admin/usage?to=2000-01-01").json()["data"] == []
     csv = admin(gw, "GET", f"/admin/usage?format=csv&key={a1_id}").text.splitlines()
-    assert csv[0].startswith("day,key,team,model,requests") and a1_id in csv[1]
+    assert csv[0].startswith("day,key,team,model,deployment,requests") and a1_id in csv[1]
 
     metrics = httpx.get(gw.url + "/metrics", timeout=10).text
     cost_line = next(line for line in metrics.splitlines()

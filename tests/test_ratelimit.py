@@ -126,7 +126,7 @@ def test_budget_release_returns_the_reservation() -> None:
 
 def test_prices_defaults_dated_names_and_overrides() -> None:
     t = PriceTable({"my-model": ModelPrice(input=1.0, output=2.0)})
-    p = t.find("fast", ["gpt-4o-mini-2024-07-18"])
+    p = t.find("fast", provider="oai", upstream="gpt-4o-mini-2024-07-18")
     assert (p.input, p.output, p.cached_input) == (0.15, 0.60, 0.075)
     assert t.find("my-model").output == 2.0
     assert t.find("unknown-thing").input == 0.0
