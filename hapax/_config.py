@@ -137,6 +137,11 @@ class ModelConfig(_Model):
     model: str | None = Field(None, description="upstream name for the shorthand")
     deployments: tuple[Deployment, ...] = ()
     owned_by: str = "hapax"
+    #: Which name responses give in their ``model`` field: the public name the client sent
+    #: (an alias included), or the upstream's own. ``x-hapax-upstream-model`` always has the latter.
+    response_model: Literal["public", "upstream"] = Field(
+        "public", description="model name in responses: the client's public name or the upstream's"
+    )
     # Reliability (hapax._reliability_config): how deployments are chosen, limited, retried.
     strategy: str = Field("failover", description="load-balancing strategy over the deployments")
     max_concurrency: int | None = Field(None, ge=1, description="calls in flight for this model")

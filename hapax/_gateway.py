@@ -39,6 +39,7 @@ from ._errors import (
 from ._exchange import Exchange
 from ._http import Request, Response
 from ._metrics import GatewayMetrics, status_class
+from ._model_name import rename
 from ._roles import Permission
 from ._runtime import Runtime, TransportFactory
 from ._sse import SSEEvent, encode
@@ -298,17 +299,30 @@ class Gateway:
             }
             reply, translation = d.reply, d.translation
             ex.usage = reply.usage
+            # The client hears back the name it asked for (an alias included), unless the model
+            # is configured to pass the upstream's through; the header always has the upstream's.
+            name = orjson.dumps(public) if model.response_model == "public" else None
             if isinstance(reply, JsonReply):
                 if translation is not None:
-                    out = orjson.dumps(translation.response(reply.body, reply.usage))
+                    doc = translation.response(reply.body, reply.usage)
+                    if name is not None:
+                        doc["model"] = public
+                    out = orjson.dumps(doc)
+                elif reply.raw is not None:
+                    out = reply.raw
+                    upstream_name = reply.body.get("model")
+                    if name is not None and isinstance(upstream_name, str):
+                        out = rename(out, name, expect=upstream_name)
+                elif name is not None and "model" in reply.body:
+                    out = orjson.dumps({**reply.body, "model": public})  # a copy: dedup shares the reply
                 else:
-                    out = reply.raw if reply.raw is not None else orjson.dumps(reply.body)
+                    out = orjson.dumps(reply.body)
                 headers["content-type"] = _JSON
                 return Response(200, headers, out)
             translator = translation.stream(d.deployment.model, body) if translation else None
             headers.update(_SSE_HEADERS)
             settled = True  # the stream settles and releases when it ends
-            stream = _ResponseStream(self, rt, reply, translator, ex, d.started, admission)
+            stream = _ResponseStream(self, rt, reply, translator, ex, d.started, admission, name)
             return Response(200, headers, stream=stream)
         finally:
             if not settled:
@@ -506,8 +520,11 @@ class _ResponseStream:
         ex: Exchange,
         t0: float,
         admission: Admission,
+        name: bytes | None = None,
     ) -> None:
         self._gw = gateway
+        #: The JSON-encoded model name events should carry; None leaves them as they come.
+        self._name = name
         self._rt = rt
         self._reply = reply
         self._translator = translator
@@ -546,21 +563,27 @@ class _ResponseStream:
         return tail if self._ex.anthropic else tail + b"data: [DONE]\n\n"
 
     async def _events(self) -> AsyncGenerator[bytes, None]:
-        ex, translator, gw = self._ex, self._translator, self._gw
+        ex, translator, gw, name = self._ex, self._translator, self._gw, self._name
         anthropic = ex.anthropic
         try:
             async for batch in self._reply.events:
-                if translator is None:
+                if translator is not None:
+                    batch = [e for ev in batch for e in translator.feed(ev)]
+                if name is None:
                     out = b"".join([_encode(e, anthropic) for e in batch])
                 else:
-                    out = b"".join([_encode(e, anthropic) for ev in batch for e in translator.feed(ev)])
+                    out = b"".join([_encode_named(e, anthropic, name) for e in batch])
                 if out:
                     if ex.ttft is None:
                         ex.ttft = time.perf_counter() - ex.started
                     yield out
             tail = b""
             if translator is not None:
-                tail = b"".join([_encode(e, anthropic) for e in translator.finish(self._reply.usage)])
+                last = translator.finish(self._reply.usage)
+                if name is None:
+                    tail = b"".join([_encode(e, anthropic) for e in last])
+                else:
+                    tail = b"".join([_encode_named(e, anthropic, name) for e in last])
             if not anthropic:
                 tail += b"data: [DONE]\n\n"
             if tail:
@@ -619,6 +642,15 @@ def _route_name(path: str) -> str:
 
 def _encode(ev: SSEEvent, anthropic: bool) -> bytes:
     return encode(ev.data, ev.event if anthropic else None)
+
+
+def _encode_named(ev: SSEEvent, anthropic: bool, name: bytes) -> bytes:
+    """``_encode`` with the event's model field renamed: every OpenAI chunk has one; of
+    Anthropic's events only ``message_start`` does."""
+    if anthropic:
+        data = rename(ev.data, name) if ev.event == "message_start" else ev.data
+        return encode(data, ev.event)
+    return encode(rename(ev.data, name))
 
 
 def _json(status: int, body: Any) -> Response:

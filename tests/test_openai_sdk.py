@@ -122,7 +122,7 @@ def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids == ["gpt-4o-mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct", "demo"]
+    assert ids == ["gpt-4o-mini", "mini", "text-embedding-3-small", "gpt-3.5-turbo-instruct", "demo"]
     assert client.models.retrieve("mini").id == "mini"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("nope")

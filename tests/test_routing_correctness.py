@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
 
 from tests.gateway_process import GatewayProcess
 from tests.reliability_support import Ups, chat
+from tests.upstreams import anthropic_api, openai_api
+from tests.upstreams.server import UpstreamServer, UpstreamState
+
+Up = tuple[UpstreamServer, UpstreamState]
 
 ADMIN_KEY = "hpx_admin_" + "R" * 40
 ENV = {"HAPAX_ADMIN_KEY": ADMIN_KEY}
@@ -163,9 +168,10 @@ def test_a_failed_request_says_every_deployment_tried_and_why(
     assert entry["attempts"] == 3 and entry["stream"] is False and entry["error_code"] == "upstream_unavailable"
 
     # The openai SDK sees the same, and so does a streamed call on the Anthropic route.
-    with openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0) as client:
-        with pytest.raises(openai.InternalServerError) as failed:
-            client.chat.completions.create(model="smart", messages=[{"role": "user", "content": "hi"}])
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0) as client, pytest.raises(
+        openai.InternalServerError
+    ) as failed:
+        client.chat.completions.create(model="smart", messages=[{"role": "user", "content": "hi"}])
     assert failed.value.response.headers["x-hapax-attempts"] == "3"
     m = httpx.post(gw.url + "/v1/messages", timeout=10, json={
         "model": "smart", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
@@ -187,3 +193,80 @@ def test_models_list_includes_aliases(gateway: Callable[..., GatewayProcess]) ->
         assert listed == ["big", "large", "huge", "small"]
         for name in listed:  # every listed name resolves
             assert client.models.retrieve(name).id == name
+
+
+# -- 4. responses name the model the client asked for --------------------------------------
+
+
+@pytest.fixture
+def oa_and_claude() -> Iterator[tuple[Up, Up]]:
+    o, a = UpstreamState(), UpstreamState()
+    oa = UpstreamServer(openai_api.make_app(o)).start()
+    an = UpstreamServer(anthropic_api.make_app(a)).start()
+    try:
+        yield (oa, o), (an, a)
+    finally:
+        oa.stop()
+        an.stop()
+
+
+def _naming_config(ups: tuple[Up, Up]) -> dict[str, Any]:
+    (oa, _), (an, _) = ups
+    return {
+        "providers": {
+            "oai": {"type": "openai", "base_url": oa.url + "/v1", "api_key": "k"},
+            "ant": {"type": "anthropic", "base_url": an.url, "api_key": "k"},
+            "mock": {"type": "mock"},
+        },
+        "models": [
+            {"name": "gpt-public", "aliases": ["mini"], "provider": "oai", "model": "up-model"},
+            {"name": "claude-public", "provider": "ant", "model": "claude-up"},
+            {"name": "embed-public", "provider": "oai", "model": "up-embed"},
+            {"name": "mock-public", "provider": "mock", "model": "mock-up"},
+            {"name": "raw", "provider": "oai", "model": "up-raw", "response_model": "upstream"},
+        ],
+    }
+
+
+def _sse_data(text: str) -> list[dict[str, Any]]:
+    return [json.loads(ln[6:]) for ln in text.splitlines() if ln.startswith("data: {")]
+
+
+def test_openai_responses_name_the_public_model(
+    gateway: Callable[..., GatewayProcess], oa_and_claude: tuple[Up, Up]
+) -> None:
+    gw = gateway(_naming_config(oa_and_claude))
+    msgs: Any = [{"role": "user", "content": "hi"}]
+    with openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0) as client:
+        for asked in ("gpt-public", "mini", "claude-public", "mock-public"):  # pass-through and translated
+            raw = client.chat.completions.with_raw_response.create(model=asked, messages=msgs)
+            assert raw.parse().model == asked
+            assert raw.headers["x-hapax-upstream-model"] in ("up-model", "claude-up", "mock-up")
+            chunks = list(client.chat.completions.create(
+                model=asked, messages=msgs, stream=True, stream_options={"include_usage": True}))
+            assert len(chunks) > 2 and {c.model for c in chunks} == {asked}, asked
+        assert client.embeddings.create(model="embed-public", input="hi").model == "embed-public"
+        assert client.completions.create(model="gpt-public", prompt="hi").model == "gpt-public"
+
+        # response_model: upstream passes the upstream's name through, in JSON and in streams.
+        assert client.chat.completions.create(model="raw", messages=msgs).model == "up-raw"
+        assert {c.model for c in client.chat.completions.create(model="raw", messages=msgs, stream=True)} == {
+            "up-raw"}
+
+
+def test_anthropic_responses_name_the_public_model(
+    gateway: Callable[..., GatewayProcess], oa_and_claude: tuple[Up, Up]
+) -> None:
+    gw = gateway(_naming_config(oa_and_claude))
+    msgs: Any = [{"role": "user", "content": "hi"}]
+    with anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0) as client:
+        for asked in ("claude-public", "mini"):  # pass-through, then translated from OpenAI
+            assert client.messages.create(model=asked, max_tokens=16, messages=msgs).model == asked
+            with client.messages.stream(model=asked, max_tokens=16, messages=msgs) as stream:
+                assert stream.get_final_message().model == asked
+    # On the wire: the one event that names the model, message_start, names the public one.
+    r = httpx.post(gw.url + "/v1/messages", timeout=10, json={
+        "model": "claude-public", "max_tokens": 16, "stream": True, "messages": msgs})
+    events = _sse_data(r.text)
+    assert events[0]["type"] == "message_start" and events[0]["message"]["model"] == "claude-public"
+    assert "claude-up" not in r.text
