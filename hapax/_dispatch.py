@@ -560,10 +560,13 @@ class Dispatcher:
         for name in rt.config.providers:
             ph = self.health.provider(name)
             t = ph.tracker
+            built = rt.providers.get(name)
             providers[name] = {
                 "type": rt.config.providers[name].type,
                 "probe": ph.status.value if t is not None else "disabled",
                 "last_probe_error": t.last_error if t is not None else None,
+                # Set while calls find the API missing at base_url (a misplaced /v1, say).
+                "misconfigured": built.misconfigured if built is not None else None,
                 "deployments": sorted(h.key for h in ph.deployments),
             }
         return {

@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     v = csub.add_parser("validate", help="check a config file; print every problem, exit 1 if any")
     v.add_argument("file", type=Path)
     v.add_argument("--strict", action="store_true", help="fail on warnings too (no models, auth off, ...)")
+    v.add_argument(
+        "--probe", action="store_true",
+        help="also call each provider once (a token-free GET, e.g. {base_url}/models); exit 1 if one is "
+        "misconfigured or unreachable",
+    )
+    v.add_argument("--probe-timeout", type=float, default=5.0, help="seconds per provider (5)")
     csub.add_parser("schema", help="print the config's JSON Schema")
     access_cli.add_parsers(sub)
     return p
@@ -66,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.config_command == "schema":
             sys.stdout.write(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
             return 0
-        return _validate(args.file, strict=args.strict)
+        return _validate(args.file, strict=args.strict, probe=args.probe, probe_timeout=args.probe_timeout)
     if args.command == "serve":
         from .server import serve
 
@@ -83,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     return 2
 
 
-def _validate(path: Path, *, strict: bool) -> int:
+def _validate(path: Path, *, strict: bool, probe: bool = False, probe_timeout: float = 5.0) -> int:
     try:
         cfg = load_config(path)
     except ConfigError as exc:
@@ -101,4 +107,8 @@ def _validate(path: Path, *, strict: bool) -> int:
         print(f"{path}: {errors} error(s), {len(findings) - errors} warning(s)", file=sys.stderr)
         return 1
     print(f"ok: {summary}" + (f" ({len(findings)} warning(s))" if findings else ""))
+    if probe:
+        from .probe import probe_providers
+
+        return probe_providers(cfg, timeout=probe_timeout)
     return 0

@@ -8,19 +8,23 @@ bodies, ``/admin/usage``, ``/v1/models``, the access log.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import openai
 import pytest
+import yaml
 
-from tests.gateway_process import GatewayProcess
+from tests.gateway_process import ROOT, GatewayProcess
 from tests.reliability_support import Ups, chat
 from tests.upstreams import anthropic_api, openai_api
-from tests.upstreams.server import UpstreamServer, UpstreamState
+from tests.upstreams.server import UpstreamServer, UpstreamState, free_port
 
 Up = tuple[UpstreamServer, UpstreamState]
 
@@ -270,3 +274,86 @@ def test_anthropic_responses_name_the_public_model(
     events = _sse_data(r.text)
     assert events[0]["type"] == "message_start" and events[0]["message"]["model"] == "claude-public"
     assert "claude-up" not in r.text
+
+
+# -- 3. a misplaced /v1 is a misconfiguration, not the request's fault ----------------------
+
+
+def _nov1_config(ups: tuple[Up, Up]) -> dict[str, Any]:
+    (oa, _), (an, _) = ups
+    return {
+        "providers": {
+            "nov1": {"type": "openai", "base_url": oa.url, "api_key": "k"},  # should end in /v1
+            "good": {"type": "openai", "base_url": oa.url + "/v1", "api_key": "k"},
+            "claude": {"type": "anthropic", "base_url": an.url, "api_key": "k"},
+            "subpath": {"type": "anthropic", "base_url": an.url + "/anthropic", "api_key": "k"},  # no such path
+        },
+        "models": [
+            {"name": "broken", "provider": "nov1", "model": "up-model"},
+            {"name": "fine", "provider": "good", "model": "up-model"},
+            {"name": "claude", "provider": "subpath", "model": "claude-up"},
+            {"name": "either", "deployments": [{"provider": "nov1", "model": "up-model", "priority": 0},
+                                               {"provider": "good", "model": "up-model", "priority": 1}]},
+        ],
+        "reliability": {"retry": {"backoff_base": 0.01, "backoff_max": 0.02}},
+    }
+
+
+def test_a_route_404_is_reported_as_a_misconfigured_provider(
+    gateway: Callable[..., GatewayProcess], oa_and_claude: tuple[Up, Up]
+) -> None:
+    (_, o), _ = oa_and_claude
+    gw = gateway(_nov1_config(oa_and_claude))
+    for _ in range(2):
+        r = chat(gw.url, model="broken")
+        assert r.status_code == 502, r.text
+        err = r.json()["error"]
+        assert err["code"] == "upstream_misconfigured" and "nov1" in err["message"]
+        assert "base_url" in err["message"] and "/v1" in err["message"]
+    # Not retried against the same deployment (it answers the same every time)...
+    assert r.headers["x-hapax-attempts"] == "1"
+    # ...but another deployment of the model still serves it.
+    r = chat(gw.url, model="either")
+    assert r.status_code == 200 and r.headers["x-hapax-deployment"] == "good/up-model"
+    assert r.headers["x-hapax-attempts"] == "2"
+
+    m = httpx.post(gw.url + "/v1/messages", timeout=10, json={
+        "model": "claude", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
+    assert m.status_code == 502 and "https://api.anthropic.com" in m.json()["error"]["message"]
+
+    health = httpx.get(gw.url + "/v1/health/providers", timeout=10).json()["providers"]
+    assert "answered 404 for the route itself" in health["nov1"]["misconfigured"]
+    assert health["subpath"]["misconfigured"] is not None and health["good"]["misconfigured"] is None
+    warnings = [ln for ln in gw.logs().splitlines() if "provider misconfigured" in ln and "nov1" in ln]
+    assert len(warnings) == 1  # once, not once per call
+
+    # A 404 from the API itself (OpenAI's model_not_found) stays the request's problem.
+    o.faults.append({"status": 404, "message": "The model `up-model` does not exist"})
+    r = chat(gw.url, model="fine")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "upstream_bad_request"
+    assert "does not exist" in r.json()["error"]["message"]
+
+
+def test_config_validate_probe_names_misconfigured_and_unreachable_providers(
+    tmp_path: Path, oa_and_claude: tuple[Up, Up]
+) -> None:
+    def validate(cfg: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "hapax.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return subprocess.run([sys.executable, "-m", "node", "config", "validate", "--probe", str(path)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    cfg = _nov1_config(oa_and_claude)
+    cfg["providers"]["gone"] = {"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"}
+    out = validate(cfg)
+    assert out.returncode == 1, out.stdout + out.stderr
+    lines = dict(ln.split(": ", 1) for ln in out.stdout.splitlines() if ln.startswith("provider "))
+    assert lines["provider good"] == "ok"
+    assert lines["provider nov1"].startswith("misconfigured: ") and "/v1" in lines["provider nov1"]
+    assert lines["provider subpath"].startswith("misconfigured: ") and lines["provider claude"] == "ok"
+    assert lines["provider gone"].startswith("unreachable: ")
+    assert "3 of 5 providers failed" in out.stdout
+
+    good = {"providers": {"good": cfg["providers"]["good"]}, "models": [cfg["models"][1]]}
+    out = validate(good)
+    assert out.returncode == 0 and "provider good: ok" in out.stdout

@@ -45,6 +45,7 @@ class AnthropicProvider(Provider):
     type = "anthropic"
     operations: ClassVar[frozenset[Operation]] = frozenset({Operation.MESSAGES})
     default_forward_headers: ClassVar[tuple[str, ...]] = ("anthropic-beta",)
+    base_url_hint = "an anthropic provider's base_url is the host, with or without /v1 (https://api.anthropic.com)"
 
     @property
     def url(self) -> str:

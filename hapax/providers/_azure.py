@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import ClassVar
 from urllib.parse import quote, urlencode
 
+import orjson
+
 from ._base import Operation
 from ._openai import _PATHS, OpenAIProvider
 
@@ -23,6 +25,18 @@ DEFAULT_API_VERSION = "2024-10-21"
 class AzureOpenAIProvider(OpenAIProvider):
     type = "azure-openai"
     operations: ClassVar[frozenset[Operation]] = frozenset(_PATHS)
+    base_url_hint = "an azure-openai provider's base_url is https://RESOURCE.openai.azure.com, without a path"
+
+    def route_missing(self, raw: bytes) -> bool:
+        # Azure's front answers a path it does not serve with a JSON error of its own, code
+        # "404"; a missing deployment is "DeploymentNotFound", the model's problem.
+        try:
+            err = orjson.loads(raw).get("error")
+        except (orjson.JSONDecodeError, AttributeError):
+            return True
+        if isinstance(err, dict) and err.get("code") == "404":
+            return True
+        return super().route_missing(raw)
 
     def url(self, op: Operation, model: str) -> str:
         # The config validator makes base_url mandatory for this type.

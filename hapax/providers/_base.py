@@ -12,15 +12,27 @@ between the public formats themselves. Adapters that front a foreign wire format
 whose events are in the operation's wire format. The adapter fills
 ``reply.usage`` as the stream goes, so the gateway can count tokens whatever
 the client asked for. All upstream I/O goes through the injected ``Transport``.
+
+A 404 means one of two things. The provider's API answered that the model (or
+deployment) does not exist: its own error body, JSON with an ``error``; that is
+the request's problem (``upstream_bad_request``, 404). Or nothing at that path
+speaks the API at all (a web server's "404: Not Found", FastAPI's
+``{"detail": "Not Found"}``): the ``base_url`` is wrong, typically a missing or
+doubled ``/v1``. That is the operator's problem (``UpstreamMisconfigured``,
+502): it is logged once, shown as ``misconfigured`` in ``/v1/health/providers``
+until a call succeeds, and ``hapax config validate --probe`` finds it before
+any traffic does. ``route_missing`` tells them apart, per provider family.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -29,6 +41,7 @@ from .._errors import (
     InvalidField,
     UpstreamBadRequest,
     UpstreamError,
+    UpstreamMisconfigured,
     UpstreamRateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -46,6 +59,8 @@ from .._transport import (
     UpstreamResponse,
 )
 from .._usage import Usage
+
+log = logging.getLogger("hapax.providers")
 
 #: Token-free liveness requests by provider type: (default base URL, path under it).
 #: Each lists models, which all of these APIs serve without spending tokens.
@@ -122,6 +137,8 @@ class Provider(ABC):
     operations: ClassVar[frozenset[Operation]]
     #: Client headers forwarded upstream when the config's ``forward_headers`` is unset.
     default_forward_headers: ClassVar[tuple[str, ...]] = ()
+    #: What a right ``base_url`` looks like, for the misconfiguration error.
+    base_url_hint: ClassVar[str] = ""
 
     def __init__(self, *, name: str, config: ProviderConfig, transport: Transport) -> None:
         self.name = name
@@ -132,6 +149,8 @@ class Provider(ABC):
         #: Provider-specific headers a client may send that this provider would not get: a
         #: request carrying one is refused rather than answered without it.
         self.refused_headers = tuple(h for h in PROVIDER_HEADERS if h not in self.forward_headers)
+        #: Why the last call found the provider misconfigured; None once a call succeeds.
+        self.misconfigured: str | None = None
 
     @abstractmethod
     async def send(self, call: Call) -> Reply: ...
@@ -161,13 +180,16 @@ class Provider(ABC):
 
     # -- health probes ---------------------------------------------------------------------
 
-    async def probe(self, *, timeout: float, prompt_model: str | None = None) -> None:
+    async def probe(self, *, timeout: float, prompt_model: str | None = None, strict: bool = False) -> None:
         """Check the provider answers; raise ``UpstreamError`` when it does not.
 
         By default a token-free GET from ``PROBES`` (list models): any answer but
         5xx, 401 or 403 means the endpoint is up, since a 404 or 429 still proves
-        it is serving. With ``prompt_model`` it sends a one-token completion
-        instead, which spends tokens and is only made when configured.
+        it is serving. ``strict`` (``hapax config validate --probe``) also fails a
+        404 that says the API is not at ``base_url`` at all; background probes do
+        not, since some compatible servers have no models route. With
+        ``prompt_model`` it sends a one-token completion instead, which spends
+        tokens and is only made when configured.
         """
         if prompt_model is not None:
             await self._probe_prompt(prompt_model)
@@ -180,13 +202,15 @@ class Provider(ABC):
         try:
             resp = await self.transport.send(req)
             try:
-                await resp.read()
+                raw = await resp.read()
             finally:
                 resp.close()
         except TransportError as exc:
             raise translate_transport_error(exc, self.name) from exc
         if resp.status >= 500 or resp.status in (401, 403):
             raise self.error_from_status(resp.status, b"", resp.headers.get("retry-after"))
+        if strict and resp.status == 404 and self.route_missing(raw):
+            raise self.misconfiguration(req.method, req.url)
 
     def probe_request(self, timeout: float) -> UpstreamRequest | None:
         """The cheap probe for this provider type; ``None`` when there is nothing to call."""
@@ -230,8 +254,40 @@ class Provider(ABC):
                 raw = b""
             finally:
                 resp.close()
+            if resp.status == 404 and self.route_missing(raw):
+                wrong = self.misconfiguration("POST", url)
+                if self.misconfigured is None:
+                    log.warning("provider misconfigured", extra={"fields": {
+                        "provider": self.name, "error": wrong.message}})
+                self.misconfigured = wrong.message
+                raise wrong
             raise self.error_from_status(resp.status, raw, resp.headers.get("retry-after"))
+        if self.misconfigured is not None:
+            self.misconfigured = None  # it answers again (fixed upstream, or a proxy came back)
         return resp
+
+    def route_missing(self, raw: bytes) -> bool:
+        """Whether a 404 body says nothing serves this path, rather than "no such model".
+
+        Every family's API answers a missing model with its own JSON error: OpenAI's
+        and Anthropic's ``{"error": {...}}``, Gemini's ``{"error": {"status":
+        "NOT_FOUND"}}``, vLLM's ``{"object": "error"}``, Ollama's ``{"error": "..."}``.
+        A path nothing serves gets a web server's page or a framework's default.
+        """
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(data, dict):
+            return True
+        return "error" not in data and data.get("object") != "error" and data.get("type") != "error"
+
+    def misconfiguration(self, method: str, url: str) -> UpstreamMisconfigured:
+        hint = f"; {self.base_url_hint}" if self.base_url_hint else ""
+        return UpstreamMisconfigured(
+            f"provider {self.name} is misconfigured: {method} {_without_secrets(url)} answered 404 for the "
+            f"route itself, not for the model; check its base_url{hint}"
+        )
 
     async def _read_json(self, resp: UpstreamResponse) -> tuple[dict[str, Any], bytes]:
         try:
@@ -314,6 +370,13 @@ class Provider(ABC):
         if 400 <= status < 500:
             return UpstreamBadRequest(msg, status=400 if status not in (404, 413, 422) else status)
         return UpstreamUnavailable(msg, retry_after=parse_retry_after(retry_after))
+
+
+def _without_secrets(url: str) -> str:
+    """``url`` without userinfo or query: both can carry credentials."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def parse_retry_after(value: str | None) -> float | None:

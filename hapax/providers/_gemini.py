@@ -541,6 +541,7 @@ def embed_response(data: dict[str, Any], *, model: str, base64_floats: bool, usa
 class GeminiProvider(Provider):
     type = "gemini"
     operations: ClassVar[frozenset[Operation]] = frozenset({Operation.CHAT, Operation.EMBEDDINGS})
+    base_url_hint = "a gemini provider's base_url is the host, without a version (https://generativelanguage.googleapis.com)"
 
     def url(self, model: str, method: str) -> str:
         base = (self.config.base_url or DEFAULT_BASE_URL).rstrip("/")

@@ -29,6 +29,7 @@ class OpenAIProvider(Provider):
     operations: ClassVar[frozenset[Operation]] = frozenset(_PATHS)
     #: Not OpenAI-Organization/-Project: those pick whose account the gateway's key bills.
     default_forward_headers: ClassVar[tuple[str, ...]] = ("openai-beta",)
+    base_url_hint = "an openai provider's base_url usually ends in /v1 (https://api.openai.com/v1, http://HOST:8000/v1)"
 
     def __init__(self, *, name: str, config: ProviderConfig, transport: Transport) -> None:
         super().__init__(name=name, config=config, transport=transport)

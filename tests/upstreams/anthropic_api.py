@@ -213,8 +213,17 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def models(request: web.Request) -> web.StreamResponse:
+    """Anthropic's model list (what health probes and ``config validate --probe`` ask for)."""
+    request.app[STATE].seen.append(Seen("GET", request.path, {}, dict(request.headers), None))
+    return web.json_response({"data": [{"type": "model", "id": "claude-up", "display_name": "Claude",
+                                        "created_at": "2025-01-01T00:00:00Z"}],
+                              "has_more": False, "first_id": "claude-up", "last_id": "claude-up"})
+
+
 def make_app(state: UpstreamState | None = None) -> web.Application:
     app = web.Application()
     app[STATE] = state or UpstreamState()
     app.router.add_post("/v1/messages", messages)
+    app.router.add_get("/v1/models", models)
     return app
