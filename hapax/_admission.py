@@ -268,12 +268,12 @@ def overload_error(status: int) -> Callable[[str, float], HapaxError]:
     """The error a rejected request gets: 429 or 503, with Retry-After, code naming why."""
 
     def make(reason: str, retry_after: float) -> HapaxError:
-        msg = (
-            "the gateway is at capacity and its queue is full; retry later"
-            if reason == "queue_full"
-            else f"waited {retry_after:g}s in the gateway's queue without getting a slot; retry later"
-        )
         cls = RateLimited if status == 429 else ServiceUnavailable
-        return cls(msg, code=reason, retry_after=max(1.0, retry_after))
+        wait = max(1.0, retry_after)
+        if reason == "queue_full":
+            return cls("the gateway is at capacity and its queue is full; retry later",
+                       code="queue_full", retry_after=wait)
+        return cls(f"waited {retry_after:g}s in the gateway's queue without getting a slot; retry later",
+                   code="queue_timeout", retry_after=wait)
 
     return make

@@ -43,3 +43,39 @@ def test_every_metric_is_documented() -> None:
     names = [m.name for m in GatewayMetrics().registry._metrics]
     missing = [n for n in names if f"`{n}`" not in text]
     assert not missing, f"metrics missing from docs/: {missing}"
+
+
+def _error_codes_in_code() -> set[str]:
+    """Every error ``code`` a client can get: class codes of the exception tree, and every
+    ``code="..."`` an error is raised with in hapax/ and node/."""
+    from hapax._errors import HapaxError
+
+    codes: set[str] = set()
+    todo: list[type[HapaxError]] = [HapaxError]
+    while todo:
+        cls = todo.pop()
+        codes.add(cls.code)
+        todo.extend(cls.__subclasses__())
+    root = DOCS.parent
+    for path in [*root.glob("hapax/**/*.py"), *root.glob("node/**/*.py")]:
+        codes.update(re.findall(r'\bcode="([a-z0-9_]+)"', path.read_text()))
+    return codes
+
+
+def _error_codes_in_docs() -> set[str]:
+    """The codes in docs/api.md's error table (its second column)."""
+    text = (DOCS / "api.md").read_text()
+    section = text.split("\n## Errors", 1)[1].split("\n## ", 1)[0]
+    codes: set[str] = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0][:1].isdigit():
+            codes.update(re.findall(r"`([a-z0-9_]+)`", cells[1]))
+    return codes
+
+
+def test_every_error_code_is_documented_and_only_those() -> None:
+    in_code, in_docs = _error_codes_in_code(), _error_codes_in_docs()
+    assert "missing_api_key" in in_code and "invalid_api_key" in in_code  # the collection works
+    assert not in_code - in_docs, f"error codes missing from docs/api.md: {sorted(in_code - in_docs)}"
+    assert not in_docs - in_code, f"docs/api.md lists codes the code never sends: {sorted(in_docs - in_code)}"
