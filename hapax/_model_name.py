@@ -34,9 +34,9 @@ def rename(data: bytes, name: bytes, *, expect: str | None = None) -> bytes:
         return data
     j = i + _KEY_LEN
     # Compact JSON (orjson, most servers) is ``"model":"x"``; Python's json adds one space.
-    if data[j : j + 2] == b':"':
+    if data.startswith(b':"', j):
         start = j + 1
-    elif data[j : j + 3] == b': "':
+    elif data.startswith(b': "', j):
         start = j + 2
     else:
         return _rename_slow(data, name)
@@ -45,7 +45,7 @@ def rename(data: bytes, name: bytes, *, expect: str | None = None) -> bytes:
         return _rename_slow(data, name)
     if expect is not None and data[start + 1 : end] != expect.encode():
         return _rename_slow(data, name)
-    return b"".join((data[:start], name, data[end + 1 :]))
+    return data[:start] + name + data[end + 1 :]
 
 
 def _rename_slow(data: bytes, name: bytes) -> bytes:

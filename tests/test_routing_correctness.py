@@ -327,6 +327,11 @@ def test_a_route_404_is_reported_as_a_misconfigured_provider(
     warnings = [ln for ln in gw.logs().splitlines() if "provider misconfigured" in ln and "nov1" in ln]
     assert len(warnings) == 1  # once, not once per call
 
+    # api.openai.com says a route is missing in its own error shape: still misconfigured.
+    o.faults.append({"status": 404, "message": "Invalid URL (POST /chat/completions)"})
+    r = chat(gw.url, model="fine")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_misconfigured"
+
     # A 404 from the API itself (OpenAI's model_not_found) stays the request's problem.
     o.faults.append({"status": 404, "message": "The model `up-model` does not exist"})
     r = chat(gw.url, model="fine")

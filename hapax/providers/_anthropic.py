@@ -47,6 +47,17 @@ class AnthropicProvider(Provider):
     default_forward_headers: ClassVar[tuple[str, ...]] = ("anthropic-beta",)
     base_url_hint = "an anthropic provider's base_url is the host, with or without /v1 (https://api.anthropic.com)"
 
+    def route_missing(self, raw: bytes) -> bool:
+        # Anthropic answers an unknown path in its own shape, but with the bare message
+        # "Not Found"; an unknown model names the model ("model: claude-x").
+        try:
+            err = orjson.loads(raw).get("error")
+        except (orjson.JSONDecodeError, AttributeError):
+            return True
+        if isinstance(err, dict) and err.get("message") == "Not Found":
+            return True
+        return super().route_missing(raw)
+
     @property
     def url(self) -> str:
         base = (self.config.base_url or DEFAULT_BASE_URL).rstrip("/")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import orjson
+
 from .._config import ProviderConfig
 from .._transport import Transport
 from .._usage import Usage
@@ -36,6 +38,17 @@ class OpenAIProvider(Provider):
         # Built once: headers and URLs depend only on the (immutable) config.
         self._headers = self.headers()
         self._urls: dict[tuple[Operation, str], str] = {}
+
+    def route_missing(self, raw: bytes) -> bool:
+        # api.openai.com answers a path it does not serve in its own error shape, with a
+        # message of its own: "Invalid URL (POST /chat/completions)".
+        try:
+            err = orjson.loads(raw).get("error")
+        except (orjson.JSONDecodeError, AttributeError):
+            return True
+        if isinstance(err, dict) and str(err.get("message", "")).startswith("Invalid URL ("):
+            return True
+        return super().route_missing(raw)
 
     def url(self, op: Operation, model: str) -> str:
         base = (self.config.base_url or DEFAULT_BASE_URL).rstrip("/")
