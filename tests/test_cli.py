@@ -178,10 +178,11 @@ def test_usage_counts_refusals_by_key_name_in_table_json_and_csv(gateway: Callab
     assert codes == [200, 200, 429]
     settled_usage(gw, f"key={key_id}", 2)
 
-    # The admin API: ?key= takes the name; the refusal is a row count, not a request.
+    # The admin API: ?key= takes the name; the refusal is a row count, not a request. Rows are
+    # per deployment too: a refusal never reached one, so it has a row of its own.
     body = admin(gw, "GET", "/admin/usage?key=ana").json()
-    assert [(r["key"], r["key_name"], r["requests"], r["refused"]) for r in body["data"]] == [
-        (key_id, "ana", 2, 1)]
+    assert [(r["key"], r["key_name"], r["deployment"], r["requests"], r["refused"]) for r in body["data"]] == [
+        (key_id, "ana", "", 0, 1), (key_id, "ana", "mock/demo", 2, 0)]
     assert body["totals"]["refused"] == 1
 
     def local_rows() -> list[dict[str, Any]]:
