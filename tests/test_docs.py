@@ -47,7 +47,7 @@ def test_every_metric_is_documented() -> None:
 
 def _error_codes_in_code() -> set[str]:
     """Every error ``code`` a client can get: class codes of the exception tree, and every
-    ``code="..."`` an error is raised with in hapax/ and node/."""
+    ``code="..."`` an error is raised with, or ``"code": "..."`` body written, in hapax/ and node/."""
     from hapax._errors import HapaxError
 
     codes: set[str] = set()
@@ -58,7 +58,9 @@ def _error_codes_in_code() -> set[str]:
         todo.extend(cls.__subclasses__())
     root = DOCS.parent
     for path in [*root.glob("hapax/**/*.py"), *root.glob("node/**/*.py")]:
-        codes.update(re.findall(r'\bcode="([a-z0-9_]+)"', path.read_text()))
+        text = path.read_text()
+        codes.update(re.findall(r'\bcode="([a-z0-9_]+)"', text))
+        codes.update(re.findall(r'"code": "([a-z0-9_]+)"', text))  # bodies the front door writes itself
     return codes
 
 
