@@ -33,7 +33,7 @@ def test_key_priority_caps_the_header(
     }, env=ENV)
     batch, _ = make_key(gw, name="batch", max_priority=5, default_priority=7)
     urgent, _ = make_key(gw, name="urgent", max_priority=0, default_priority=3)
-    state.faults.append({"hang": 1.0})
+    state.faults.append({"hold": 10})
     with ThreadPoolExecutor(4) as pool:
         busy = pool.submit(_chat, gw, urgent, "busy")
         wait_for(lambda: chats(state.seen) == 1, what="first call upstream")
@@ -45,6 +45,7 @@ def test_key_priority_caps_the_header(
         )):
             queued.append(pool.submit(_chat, gw, key, content, prio))
             wait_for(lambda n=i + 1: metric(gw.url, "hapax_queue_depth") == n, what=f"{i + 1} queued")
+        state.release.set()
         assert all(f.result(10).status_code == 200 for f in [busy, *queued])
     order = [s.body["messages"][0]["content"] for s in state.seen if s.method == "POST"]
     assert order == ["busy", "urgent asks 1", "urgent default 3", "batch asks 0, gets 5"]

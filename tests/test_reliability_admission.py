@@ -39,7 +39,7 @@ def _depth(url: str, n: int) -> Callable[[], bool]:
 def test_full_node_queues_by_priority_fifo_within(gateway: Callable[..., GatewayProcess], ab: Ups) -> None:
     (_, a), _ = ab
     gw = gateway(_config(ab[:1], admission={"max_concurrency": 1}))
-    a.faults.append({"hang": 1.0})
+    a.faults.append({"hold": 10})
     with ThreadPoolExecutor(4) as pool:
         busy = pool.submit(chat, gw.url, "busy")
         wait_for(lambda: chats(a.seen) == 1, what="first call upstream")
@@ -47,6 +47,7 @@ def test_full_node_queues_by_priority_fifo_within(gateway: Callable[..., Gateway
         for i, (content, prio) in enumerate((("low", "9"), ("high-1", "0"), ("high-2", "0"))):
             futures.append(pool.submit(chat, gw.url, content, headers={"x-hapax-priority": prio}))
             wait_for(_depth(gw.url, i + 1), what=f"{i + 1} queued")
+        a.release.set()
         assert all(f.result(10).status_code == 200 for f in [busy, *futures])
     assert _contents(a) == ["busy", "high-1", "high-2", "low"]
     assert metric(gw.url, "hapax_queue_wait_seconds_count") >= 3

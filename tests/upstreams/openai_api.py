@@ -9,6 +9,7 @@ Errors use OpenAI's error body. ``state.faults`` scripts misbehaviour:
     {"status": 429, "retry_after": 2}    rate limited, with Retry-After
     {"status": 401, "message": "..."}    an error whose message says something in particular
     {"hang": 5}                          sleep before answering
+    {"hold": 10}                         wait until the test sets ``state.release`` (at most 10 s)
     {"reset": True}                      close the connection without a response
     {"truncate_stream_after": 2}         stream N chunks, then cut the connection
     {"malformed": True}                  a 200 whose body is not JSON
@@ -53,6 +54,13 @@ async def _apply_fault(request: web.Request, state: UpstreamState) -> web.Stream
     fault = state.next_fault()
     if fault is None:
         return None
+    if "hold" in fault:
+        # A test that must line requests up behind this one releases it when they are in
+        # place, rather than racing a fixed hang on a loaded machine.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + fault["hold"]
+        while not state.release.is_set() and loop.time() < end:
+            await asyncio.sleep(0.02)
     if "hang" in fault:
         # Sleep in slices so a gateway that hangs up is noticed and counted.
         loop = asyncio.get_running_loop()

@@ -44,6 +44,9 @@ class UpstreamState:
     #: Requests whose client (the gateway) hung up while the upstream was still working.
     disconnects: int = 0
 
+    #: Set by a test to end every ``{"hold": N}`` fault now.
+    release: threading.Event = field(default_factory=threading.Event)
+
     #: A fault for every request once ``faults`` runs out (a persistently broken upstream).
     always: dict[str, Any] | None = None
 
