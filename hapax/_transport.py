@@ -72,3 +72,7 @@ class FirstByteTimeout(TransportError):
 
 class StreamIdleTimeout(TransportError):
     pass
+
+
+class TotalTimeout(StreamIdleTimeout):
+    """The whole exchange outlived the provider's ``timeouts.total``."""

@@ -49,6 +49,7 @@ from hapax import (
     FirstByteTimeout,
     ReadError,
     StreamIdleTimeout,
+    TotalTimeout,
     Transport,
     TransportError,
     UpstreamRequest,
@@ -97,8 +98,8 @@ def first_byte_timeout() -> FirstByteTimeout:
     return FirstByteTimeout("no response headers within the first-byte timeout")
 
 
-def total_timeout() -> StreamIdleTimeout:
-    return StreamIdleTimeout("total timeout reading the body")
+def total_timeout() -> TotalTimeout:
+    return TotalTimeout("total timeout reading the body")
 
 
 def idle_timeout() -> StreamIdleTimeout:
@@ -587,6 +588,10 @@ class Http1Response(TimedResponse):
         try:
             while True:
                 if conn.chunks:
+                    # A slow reader keeps chunks buffered, so no wait (and its timer) would
+                    # ever see the total deadline pass: check it here as well.
+                    if loop.time() >= self._deadline:
+                        raise total_timeout()
                     yield conn.take()
                     continue
                 if conn.state == _DONE:

@@ -77,6 +77,9 @@ class AiohttpResponse(TimedResponse):
                     chunk = await content.readany()
                     if not chunk:
                         break
+                    if loop.time() >= self._deadline:
+                        # Data already buffered returns at once, whatever the timer says.
+                        raise total_timeout()
                     yield chunk
         except TimeoutError:
             raise idle_timeout() from None

@@ -23,6 +23,7 @@ import httpx
 import orjson
 
 from tests.gateway_process import GatewayProcess
+from tests.upstreams.server import UpstreamServer, UpstreamState
 
 ADMIN = "admin-" + "k" * 40
 CHAT = {"model": "demo", "messages": [{"role": "user", "content": "hello"}]}
@@ -195,6 +196,35 @@ def test_client_that_stops_reading_is_cut_and_frees_its_slot(gateway: Callable[.
         assert r.status_code == 200
     cut = [e for e in _access(gw) if e.get("error_code") == "client_write_timeout"]
     assert len(cut) == 1 and cut[0]["status"] == 408, _access(gw)
+
+
+def test_timeouts_total_bounds_a_stream_read_slowly_but_steadily(
+    gateway: Callable[..., GatewayProcess], openai_upstream: tuple[UpstreamServer, UpstreamState]
+) -> None:
+    # A client that keeps reading, just slowly, never trips the write timeout; with the
+    # upstream's chunks already buffered no wait timed out either, so the stream ran past
+    # timeouts.total for as long as the client kept at it.
+    server, state = openai_upstream
+    state.reply = LONG_REPLY
+    gw = gateway({
+        "providers": {"up": {"type": "openai", "base_url": server.url + "/v1", "api_key": "k",
+                             "timeouts": {"total": 1.0, "first_byte": 1.0}}},
+        "models": [{"name": "m", "provider": "up"}],
+    })
+    body = orjson.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    got = bytearray()
+    with _sock(gw, rcvbuf=4096) as s:
+        s.sendall(_post_head("/v1/chat/completions", len(body)) + body)
+        deadline = time.monotonic() + 60  # bounded: the whole reply at this pace takes minutes
+        while not got.endswith(b"0\r\n\r\n") and time.monotonic() < deadline:
+            chunk = s.recv(8192)
+            if not chunk:
+                break
+            got += chunk
+            time.sleep(0.01)  # a slow but steady reader
+    assert b'"code":"upstream_timeout"' in got, got[-400:]
+    assert b"w99999" not in got  # cut, not completed
+    assert got.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n") or got.endswith(b"0\r\n\r\n")
 
 
 # -- connection limits ---------------------------------------------------------------------

@@ -53,6 +53,7 @@ from .._transport import (
     FirstByteTimeout,
     ReadError,
     StreamIdleTimeout,
+    TotalTimeout,
     Transport,
     TransportError,
     UpstreamRequest,
@@ -391,6 +392,8 @@ def parse_retry_after(value: str | None) -> float | None:
 def translate_transport_error(exc: TransportError, provider: str) -> UpstreamError:
     if isinstance(exc, ConnectTimeout | FirstByteTimeout):
         return UpstreamTimeout(f"provider {provider} timed out ({type(exc).__name__})")
+    if isinstance(exc, TotalTimeout):
+        return UpstreamTimeout(f"provider {provider}: the exchange passed its timeouts.total")
     if isinstance(exc, StreamIdleTimeout):
         return UpstreamTimeout(f"provider {provider} stream stalled", code="upstream_stream_idle")
     if isinstance(exc, ConnectError):
