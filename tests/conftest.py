@@ -10,8 +10,10 @@ import pytest
 
 from tests.gateway_process import GatewayProcess
 from tests.reliability_support import Ups, upstreams
-from tests.upstreams import openai_api
+from tests.upstreams import anthropic_api, openai_api
 from tests.upstreams.server import UpstreamServer, UpstreamState
+
+Up = tuple[UpstreamServer, UpstreamState]
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +54,19 @@ def openai_upstream() -> Iterator[tuple[UpstreamServer, UpstreamState]]:
         yield server, state
     finally:
         server.stop()
+
+
+@pytest.fixture
+def openai_and_anthropic() -> Iterator[tuple[Up, Up]]:
+    """An OpenAI-compatible upstream and an Anthropic one, each with its own state."""
+    o, a = UpstreamState(), UpstreamState()
+    oa = UpstreamServer(openai_api.make_app(o)).start()
+    an = UpstreamServer(anthropic_api.make_app(a)).start()
+    try:
+        yield (oa, o), (an, a)
+    finally:
+        oa.stop()
+        an.stop()
 
 
 @pytest.fixture

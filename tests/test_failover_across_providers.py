@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import anthropic
 import openai
-import pytest
 
 from tests.gateway_process import GatewayProcess
 from tests.reliability_support import chats, metric
-from tests.upstreams import anthropic_api, openai_api
 from tests.upstreams.server import UpstreamServer, UpstreamState
 
 Up = tuple[UpstreamServer, UpstreamState]
 
 
-@pytest.fixture
-def both() -> Iterator[tuple[Up, Up]]:
-    o, a = UpstreamState(), UpstreamState()
-    oa = UpstreamServer(openai_api.make_app(o)).start()
-    an = UpstreamServer(anthropic_api.make_app(a)).start()
-    try:
-        yield (oa, o), (an, a)
-    finally:
-        oa.stop()
-        an.stop()
-
-
-def _config(both: tuple[Up, Up], first: str) -> dict[str, object]:
-    (oa, _), (an, _) = both
+def _config(openai_and_anthropic: tuple[Up, Up], first: str) -> dict[str, object]:
+    (oa, _), (an, _) = openai_and_anthropic
     order = ["oai", "ant"] if first == "oai" else ["ant", "oai"]
     return {
         "providers": {
@@ -43,10 +29,10 @@ def _config(both: tuple[Up, Up], first: str) -> dict[str, object]:
 
 
 def test_openai_failing_fails_over_to_anthropic_for_an_openai_client(
-    gateway: Callable[..., GatewayProcess], both: tuple[Up, Up]
+    gateway: Callable[..., GatewayProcess], openai_and_anthropic: tuple[Up, Up]
 ) -> None:
-    (_, o), (_, a) = both
-    gw = gateway(_config(both, first="oai"))
+    (_, o), (_, a) = openai_and_anthropic
+    gw = gateway(_config(openai_and_anthropic, first="oai"))
     o.always = {"status": 503}
     with openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0) as client:
         raw = client.chat.completions.with_raw_response.create(
@@ -67,10 +53,10 @@ def test_openai_failing_fails_over_to_anthropic_for_an_openai_client(
 
 
 def test_anthropic_failing_fails_over_to_openai_for_an_anthropic_client(
-    gateway: Callable[..., GatewayProcess], both: tuple[Up, Up]
+    gateway: Callable[..., GatewayProcess], openai_and_anthropic: tuple[Up, Up]
 ) -> None:
-    (_, o), (_, a) = both
-    gw = gateway(_config(both, first="ant"))
+    (_, o), (_, a) = openai_and_anthropic
+    gw = gateway(_config(openai_and_anthropic, first="ant"))
     a.always = {"status": 529}
     with anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0) as client:
         msg = client.messages.create(model="m", max_tokens=50, messages=[{"role": "user", "content": "hi"}])

@@ -23,6 +23,7 @@ import httpx
 import orjson
 
 from tests.gateway_process import GatewayProcess
+from tests.reliability_support import wait_for
 from tests.upstreams.server import UpstreamServer, UpstreamState
 
 ADMIN = "admin-" + "k" * 40
@@ -44,12 +45,7 @@ def _config(server: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any
 
 
 def _wait(pred: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
+    wait_for(pred, timeout=timeout)
 
 
 def _metric(gw: GatewayProcess, series: str) -> float:

@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ import yaml
 
 from tests.gateway_process import ROOT, GatewayProcess
 from tests.reliability_support import Ups, chat
-from tests.upstreams import anthropic_api, openai_api
 from tests.upstreams.server import UpstreamServer, UpstreamState, free_port
 
 Up = tuple[UpstreamServer, UpstreamState]
@@ -202,18 +201,6 @@ def test_models_list_includes_aliases(gateway: Callable[..., GatewayProcess]) ->
 # -- 4. responses name the model the client asked for --------------------------------------
 
 
-@pytest.fixture
-def oa_and_claude() -> Iterator[tuple[Up, Up]]:
-    o, a = UpstreamState(), UpstreamState()
-    oa = UpstreamServer(openai_api.make_app(o)).start()
-    an = UpstreamServer(anthropic_api.make_app(a)).start()
-    try:
-        yield (oa, o), (an, a)
-    finally:
-        oa.stop()
-        an.stop()
-
-
 def _naming_config(ups: tuple[Up, Up]) -> dict[str, Any]:
     (oa, _), (an, _) = ups
     return {
@@ -237,9 +224,9 @@ def _sse_data(text: str) -> list[dict[str, Any]]:
 
 
 def test_openai_responses_name_the_public_model(
-    gateway: Callable[..., GatewayProcess], oa_and_claude: tuple[Up, Up]
+    gateway: Callable[..., GatewayProcess], openai_and_anthropic: tuple[Up, Up]
 ) -> None:
-    gw = gateway(_naming_config(oa_and_claude))
+    gw = gateway(_naming_config(openai_and_anthropic))
     msgs: Any = [{"role": "user", "content": "hi"}]
     with openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0) as client:
         for asked in ("gpt-public", "mini", "claude-public", "mock-public"):  # pass-through and translated
@@ -259,9 +246,9 @@ def test_openai_responses_name_the_public_model(
 
 
 def test_anthropic_responses_name_the_public_model(
-    gateway: Callable[..., GatewayProcess], oa_and_claude: tuple[Up, Up]
+    gateway: Callable[..., GatewayProcess], openai_and_anthropic: tuple[Up, Up]
 ) -> None:
-    gw = gateway(_naming_config(oa_and_claude))
+    gw = gateway(_naming_config(openai_and_anthropic))
     msgs: Any = [{"role": "user", "content": "hi"}]
     with anthropic.Anthropic(base_url=gw.url, api_key="x", max_retries=0) as client:
         for asked in ("claude-public", "mini"):  # pass-through, then translated from OpenAI
@@ -300,10 +287,10 @@ def _nov1_config(ups: tuple[Up, Up]) -> dict[str, Any]:
 
 
 def test_a_route_404_is_reported_as_a_misconfigured_provider(
-    gateway: Callable[..., GatewayProcess], oa_and_claude: tuple[Up, Up]
+    gateway: Callable[..., GatewayProcess], openai_and_anthropic: tuple[Up, Up]
 ) -> None:
-    (_, o), _ = oa_and_claude
-    gw = gateway(_nov1_config(oa_and_claude))
+    (_, o), _ = openai_and_anthropic
+    gw = gateway(_nov1_config(openai_and_anthropic))
     for _ in range(2):
         r = chat(gw.url, model="broken")
         assert r.status_code == 502, r.text
@@ -340,7 +327,7 @@ def test_a_route_404_is_reported_as_a_misconfigured_provider(
 
 
 def test_config_validate_probe_names_misconfigured_and_unreachable_providers(
-    tmp_path: Path, oa_and_claude: tuple[Up, Up]
+    tmp_path: Path, openai_and_anthropic: tuple[Up, Up]
 ) -> None:
     def validate(cfg: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         path = tmp_path / "hapax.yaml"
@@ -348,7 +335,7 @@ def test_config_validate_probe_names_misconfigured_and_unreachable_providers(
         return subprocess.run([sys.executable, "-m", "node", "config", "validate", "--probe", str(path)],
                               cwd=ROOT, capture_output=True, text=True, timeout=60)
 
-    cfg = _nov1_config(oa_and_claude)
+    cfg = _nov1_config(openai_and_anthropic)
     cfg["providers"]["gone"] = {"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"}
     out = validate(cfg)
     assert out.returncode == 1, out.stdout + out.stderr
