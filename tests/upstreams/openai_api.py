@@ -26,7 +26,7 @@ import asyncio
 import base64
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -145,21 +145,24 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     fault = request.get(FAULT) or {}
     cut = fault.get("truncate_stream_after")
-    events: list[dict[str, Any]] = [chunk({"role": "assistant", "content": "", "refusal": None})]
-    if tools:
-        name = tools[0]["function"]["name"]
-        events.append(chunk({"tool_calls": [{"index": 0, "id": "call_up1", "type": "function",
-                                              "function": {"name": name, "arguments": ""}}]}))
-        events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}))
-        events.append(chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}))
-        events.append(chunk({}, "tool_calls"))
-    else:
-        events.extend(chunk({"content": w}) for w in words)
-        events.append(chunk({}, "stop"))
-    opts = body.get("stream_options") or {}
-    if opts.get("include_usage"):
-        events.append({**base, "choices": [], "usage": _usage(p, len(words))})
-    for i, ev in enumerate(events):
+    def events() -> Iterator[dict[str, Any]]:
+        # Built as they are sent: a long reply must not delay the first byte (a slow CI
+        # machine took over a second to build 100,000 chunks up front, tripping first_byte).
+        yield chunk({"role": "assistant", "content": "", "refusal": None})
+        if tools:
+            name = tools[0]["function"]["name"]
+            yield chunk({"tool_calls": [{"index": 0, "id": "call_up1", "type": "function",
+                                         "function": {"name": name, "arguments": ""}}]})
+            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]})
+            yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})
+            yield chunk({}, "tool_calls")
+        else:
+            yield from (chunk({"content": w}) for w in words)
+            yield chunk({}, "stop")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield {**base, "choices": [], "usage": _usage(p, len(words))}
+
+    for i, ev in enumerate(events()):
         if cut is not None and i == cut:
             assert request.transport is not None
             request.transport.abort()
