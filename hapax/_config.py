@@ -200,6 +200,35 @@ class ServerConfig(_Model):
     listen_backlog: int = Field(DEFAULT_LISTEN_BACKLOG, ge=1, description="pending connections")
 
 
+class RedisConfig(_Model):
+    #: ``redis://``, ``rediss://`` (TLS) or ``unix://``; ``None`` keeps state in the process.
+    url: str | None = None
+    #: Overrides a password in the URL; kept out of logs.
+    password: SecretStr | None = None
+    #: CA bundle for ``rediss://`` servers signed by a private CA.
+    tls_ca_file: str | None = None
+    #: Prefix of every key, before the cluster name: ``{key_prefix}:{cluster}:...``.
+    key_prefix: str = Field("hapax", pattern=r"^[A-Za-z0-9_.-]+$")
+    #: Every Redis call is bounded; past this it counts as Redis being down.
+    timeout: float = Field(0.25, gt=0, description="seconds")
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class StateConfig(_Model):
+    """Where shared state lives: in the process (the default) or in Redis."""
+
+    #: Nodes and workers with the same Redis and cluster name share limits, budgets, slots
+    #: and health; another cluster name on the same Redis touches none of their keys.
+    cluster: str = Field("hapax", pattern=r"^[A-Za-z0-9_.-]+$")
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+
+
 class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -221,6 +250,7 @@ class Config(_Model):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     usage: UsageConfig = Field(default_factory=UsageConfig)
     reliability: ReliabilityConfig = Field(default_factory=ReliabilityConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:

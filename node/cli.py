@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import orjson
+from pydantic import ValidationError
 
 from hapax import ConfigError, HapaxError, __version__, config_schema, default_config, load_config
-from hapax._config import config_findings
+from hapax._config import Config, StateConfig, config_findings
 
 from . import access_cli
 
@@ -23,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", type=Path, help="YAML config; the embedded demo if omitted")
     s.add_argument("--host", help="override server.host")
     s.add_argument("--port", type=int, help="override server.port")
+    s.add_argument("--redis", metavar="URL",
+                   help="share state through this Redis (state.redis.url; env HAPAX_REDIS_URL)")
+    s.add_argument("--cluster", metavar="NAME",
+                   help="namespace of the shared state (state.cluster; env HAPAX_CLUSTER, default hapax)")
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     v = csub.add_parser("validate", help="check a config file; print every problem, exit 1 if any")
@@ -84,9 +90,33 @@ def _run(args: argparse.Namespace) -> int:
             overrides["port"] = args.port
         if overrides:
             cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
+        cfg = with_state_overrides(cfg, redis=args.redis, cluster=args.cluster, env=os.environ)
         serve(cfg, config_path=args.config)
         return 0
     return 2
+
+
+def with_state_overrides(cfg: Config, *, redis: str | None, cluster: str | None,
+                         env: Mapping[str, str]) -> Config:
+    """Flags beat the environment, which beats the config file."""
+    url = redis or env.get("HAPAX_REDIS_URL") or None
+    name = cluster or env.get("HAPAX_CLUSTER") or None
+    if url is None and name is None:
+        return cfg
+    data = cfg.state.model_dump()
+    if url is not None:
+        data["redis"]["url"] = url
+    if name is not None:
+        data["cluster"] = name
+    # Validated like the file's own section: a bad URL or cluster name is a clear error.
+    try:
+        state = StateConfig.model_validate(data)
+    except ValidationError as exc:
+        flag = {"redis": "--redis / HAPAX_REDIS_URL", "cluster": "--cluster / HAPAX_CLUSTER"}
+        raise ConfigError("bad state override", problems=[
+            (flag.get(str(e["loc"][0]), str(e["loc"][0])), e["msg"].removeprefix("Value error, "))
+            for e in exc.errors()]) from None
+    return cfg.model_copy(update={"state": state})
 
 
 def _validate(path: Path, *, strict: bool, probe: bool = False, probe_timeout: float = 5.0) -> int:

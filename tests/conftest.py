@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer
 from tests.reliability_support import Ups, upstreams
 from tests.upstreams import anthropic_api, openai_api
 from tests.upstreams.server import UpstreamServer, UpstreamState
@@ -84,3 +85,20 @@ def gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     yield start
     for g in started:
         g.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server for the session; tests isolate by cluster name or ``redis_url``."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url

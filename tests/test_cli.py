@@ -214,3 +214,10 @@ def test_usage_counts_refusals_by_key_name_in_table_json_and_csv(gateway: Callab
     gw.start()
     assert admin(gw, "GET", "/admin/usage?key=ana").json()["totals"]["refused"] == 1
     assert admin(gw, "GET", "/admin/usage?group_by=colour").status_code == 400
+
+
+def test_serve_refuses_a_bad_redis_url_or_cluster_name_in_one_line() -> None:
+    r = hapax("serve", "--redis", "http://127.0.0.1:6379")
+    _one_line_error(r, "--redis / HAPAX_REDIS_URL: must start with redis://, rediss:// or unix://")
+    r = hapax("serve", env={"HAPAX_CLUSTER": "two words"})
+    _one_line_error(r, "--cluster / HAPAX_CLUSTER")
