@@ -1,10 +1,19 @@
 """Hapax: the core of an LLM gateway. What a request means; no sockets of its own."""
 
-from ._config import Config, config_schema, default_config, load_config, parse_config
-from ._errors import ConfigError, HapaxError
-from ._gateway import AccessSink, Gateway, LoggingAccessSink
+from ._errors import (
+    MISCONFIGURED,
+    ClientWriteTimeout,
+    ConfigError,
+    HapaxError,
+    PayloadTooLarge,
+    RequestTimeout,
+    ShuttingDown,
+    UpstreamError,
+)
+from ._exchange import Exchange
 from ._http import Request, Response
 from ._metrics import GatewayMetrics
+from ._pipeline import AccessSink, Gateway, LoggingAccessSink
 from ._transport import (
     ConnectError,
     ConnectTimeout,
@@ -17,27 +26,35 @@ from ._transport import (
     UpstreamRequest,
     UpstreamResponse,
 )
+from .config import Config, config_schema, default_config, load_config, parse_config
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MISCONFIGURED",
     "AccessSink",
+    "ClientWriteTimeout",
     "Config",
     "ConfigError",
     "ConnectError",
     "ConnectTimeout",
+    "Exchange",
     "FirstByteTimeout",
     "Gateway",
     "GatewayMetrics",
     "HapaxError",
     "LoggingAccessSink",
+    "PayloadTooLarge",
     "ReadError",
     "Request",
+    "RequestTimeout",
     "Response",
+    "ShuttingDown",
     "StreamIdleTimeout",
     "TotalTimeout",
     "Transport",
     "TransportError",
+    "UpstreamError",
     "UpstreamRequest",
     "UpstreamResponse",
     "__version__",

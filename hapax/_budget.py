@@ -26,7 +26,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 
-from ._access_config import Budget
+from .config import Budget
 
 #: (cap name, period kind, measure): measure 0 is tokens, 1 is USD.
 _CAPS = (

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ._access_config import RateLimits
+from .config import RateLimits
 
 
 @dataclass(slots=True)

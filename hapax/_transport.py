@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from ._config import Timeouts
+from .config import Timeouts
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,11 +33,8 @@ from urllib.parse import quote
 
 import orjson
 
-from hapax import ConfigError, default_config, load_config
-from hapax._access import AccessControl, Principal
-from hapax._audit import verify
-from hapax._exchange import Exchange
-from hapax._http import Request
+from hapax import ConfigError, Exchange, Request, default_config, load_config
+from hapax.access import AccessControl, Principal, verify
 
 _SECRET_NOTE = "The key is shown only once; store it now."
 
@@ -200,7 +197,7 @@ def _request(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None,
 def _local(
     args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None, query: dict[str, str]
 ) -> tuple[int, Any]:
-    from hapax import _admin
+    from hapax.access import ADMIN_ROUTES
 
     from .server import state_dir
 
@@ -214,9 +211,9 @@ def _local(
     req = Request(method, path, {}, orjson.dumps(body) if body is not None else b"", "local", query)
     ex = Exchange("cli_" + secrets.token_hex(8), "admin", method, path, "local")
     who = Principal(id=f"cli:{getpass.getuser()}", role="admin", name="hapax CLI on the state directory")
-    from hapax._errors import HapaxError
+    from hapax import HapaxError
 
-    for m, rx, _perm, fn in _admin._COMPILED:
+    for m, rx, _perm, fn in ADMIN_ROUTES:
         match = rx.match(path)
         if m == method and match is not None:
             try:

@@ -12,7 +12,7 @@ import orjson
 from pydantic import ValidationError
 
 from hapax import ConfigError, HapaxError, __version__, config_schema, default_config, load_config
-from hapax._config import Config, StateConfig, config_findings
+from hapax.config import Config, StateConfig, config_findings
 
 from . import access_cli
 

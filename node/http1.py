@@ -55,7 +55,7 @@ from hapax import (
     UpstreamRequest,
     UpstreamResponse,
 )
-from hapax._config import ProviderConfig, Timeouts
+from hapax.config import ProviderConfig, Timeouts
 
 #: Keep idle upstream connections a while: providers are called constantly. Seconds;
 #: node.upstream's aiohttp connector uses it too.

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from hapax._config import LoggingConfig
+from hapax.config import LoggingConfig
 
 #: Seconds between writes: the most a crash can lose, and few enough wake-ups to cost nothing.
 FLUSH_INTERVAL = 0.1

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hapax import Config
-from hapax._errors import MISCONFIGURED, UpstreamError
+from hapax import MISCONFIGURED, Config, UpstreamError
 from hapax.providers import build_provider
 
 from .upstream import transport_factory

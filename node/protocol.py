@@ -41,8 +41,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from hapax import Config
-from hapax._metrics import GatewayMetrics
+from hapax import Config, GatewayMetrics
 
 from . import limits
 

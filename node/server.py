@@ -24,10 +24,20 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from hapax import Config, ConfigError, Gateway, HapaxError, Request, load_config
-from hapax._access import AccessControl
-from hapax._config import config_findings
-from hapax._errors import ClientWriteTimeout, PayloadTooLarge, RequestTimeout, ShuttingDown
+from hapax import (
+    ClientWriteTimeout,
+    Config,
+    ConfigError,
+    Gateway,
+    HapaxError,
+    PayloadTooLarge,
+    Request,
+    RequestTimeout,
+    ShuttingDown,
+    load_config,
+)
+from hapax.access import AccessControl
+from hapax.config import config_findings
 
 from . import limits, logs
 from .protocol import SERVER_HEADER, GuardedHandler, Listener

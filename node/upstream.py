@@ -23,7 +23,7 @@ from hapax import (
     UpstreamRequest,
     UpstreamResponse,
 )
-from hapax._config import ProviderConfig, Timeouts
+from hapax.config import ProviderConfig, Timeouts
 
 from .http1 import (
     KEEPALIVE_SECONDS,

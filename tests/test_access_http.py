@@ -199,7 +199,7 @@ def test_cli_manages_the_local_store_of_a_running_node(gateway: Callable[..., Ga
 
 
 def test_role_matrix_through_http(gateway: Callable[..., GatewayProcess]) -> None:
-    from hapax._roles import ROLE_PERMISSIONS, Permission
+    from hapax.access._roles import ROLE_PERMISSIONS, Permission
 
     gw = gateway(config(), env=ENV)
     keys = {role: make_key(gw, name=role, role=role, team="alpha")[0] for role in ROLES}

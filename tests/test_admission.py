@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from hapax._admission import GLOBAL, QueueFull, SlotGate, SlotTable, overload_error
-from hapax._dedup import MemoryInFlight, dedup_key
 from hapax._errors import HapaxError
-from hapax._health import ProbeStatus, ProbeTracker
-from hapax._reliability_config import HealthCheckConfig
+from hapax.config._reliability import HealthCheckConfig
+from hapax.routing._admission import GLOBAL, QueueFull, SlotGate, SlotTable, overload_error
+from hapax.routing._dedup import MemoryInFlight, dedup_key
+from hapax.routing._health import ProbeStatus, ProbeTracker
 
 G = (GLOBAL,)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hapax._breaker import (
+from hapax.config._reliability import BreakerConfig
+from hapax.routing._breaker import (
     TRANSITIONS,
     BreakerState,
     BreakerStateError,
@@ -12,7 +13,6 @@ from hapax._breaker import (
     Permit,
     Trigger,
 )
-from hapax._reliability_config import BreakerConfig
 
 C, OPEN, H = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

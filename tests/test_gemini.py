@@ -18,9 +18,9 @@ import openai
 import orjson
 import pytest
 
-from hapax._config import ProviderConfig
 from hapax._errors import InvalidField, UpstreamUnavailable
 from hapax._usage import Usage
+from hapax.config._config import ProviderConfig
 from hapax.providers._gemini import (
     ChatStream,
     GeminiProvider,

@@ -30,7 +30,7 @@ from hapax import (
     StreamIdleTimeout,
     UpstreamRequest,
 )
-from hapax._config import ProviderConfig, Timeouts
+from hapax.config._config import ProviderConfig, Timeouts
 from node.http1 import BUFFER_HIGH, Http1Transport
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from hapax._access_config import Budget, ModelPrice, RateLimits
-from hapax._audit import FileAudit, verify
 from hapax._budget import BudgetDenied, BudgetGrant, BudgetLedger, BudgetScope
-from hapax._pricing import PriceTable, cost_usd
 from hapax._ratelimit import RateDenied, RateGrant, RateLimiter, Scope, TokenBucket, format_duration
+from hapax.access._audit import FileAudit, verify
+from hapax.access._pricing import PriceTable, cost_usd
+from hapax.config._access import Budget, ModelPrice, RateLimits
 
 
 def test_bucket_starts_full_and_refills_continuously() -> None:

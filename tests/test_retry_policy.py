@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from hapax._balancer import (
+from hapax._errors import UpstreamBadRequest, UpstreamRateLimited, UpstreamUnavailable
+from hapax.config._reliability import RetryConfig
+from hapax.routing._balancer import (
     LATENCY_STALE_AFTER,
     STRATEGIES,
     Strategy,
@@ -16,9 +18,7 @@ from hapax._balancer import (
     ewma,
     register_strategy,
 )
-from hapax._errors import UpstreamBadRequest, UpstreamRateLimited, UpstreamUnavailable
-from hapax._reliability_config import RetryConfig
-from hapax._retry import GiveUp, Retry, RetryPlan
+from hapax.routing._retry import GiveUp, Retry, RetryPlan
 
 
 def _plan(**kw: float) -> RetryPlan:

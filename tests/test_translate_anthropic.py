@@ -10,8 +10,9 @@ import pytest
 
 from hapax._errors import InvalidField, UpstreamUnavailable
 from hapax._sse import SSEDecoder, SSEEvent, encode
-from hapax._translate import find_translation
-from hapax._translate_anthropic import (
+from hapax._usage import Usage
+from hapax.api._translate import find_translation
+from hapax.api._translate_anthropic import (
     DEFAULT_MAX_TOKENS,
     ChatFromMessagesStream,
     MessagesFromChatStream,
@@ -20,8 +21,7 @@ from hapax._translate_anthropic import (
     messages_to_chat_request,
     messages_to_chat_response,
 )
-from hapax._translate_completions import completions_to_chat_request
-from hapax._usage import Usage
+from hapax.api._translate_completions import completions_to_chat_request
 from hapax.providers import Operation
 
 TOOL_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}}

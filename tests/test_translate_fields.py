@@ -25,11 +25,11 @@ import httpx
 import openai
 import pytest
 
-from hapax._config import parse_config
 from hapax._errors import ConfigError
-from hapax._translate_anthropic import CHAT_TO_MESSAGES_FIELDS, MESSAGES_TO_CHAT_FIELDS
 from hapax._translate_fields import CHAT_NEUTRAL, REASONING_BUDGETS
 from hapax._usage import Usage
+from hapax.api._translate_anthropic import CHAT_TO_MESSAGES_FIELDS, MESSAGES_TO_CHAT_FIELDS
+from hapax.config._config import parse_config
 from hapax.providers._gemini import CHAT_FIELDS as GEMINI_FIELDS
 from hapax.providers._gemini import chat_response, take_usage
 from tests.gateway_process import GatewayProcess

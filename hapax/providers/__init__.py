@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .._config import ProviderConfig
 from .._transport import Transport
+from ..config import ProviderConfig
 from ._anthropic import AnthropicProvider
 from ._azure import AzureOpenAIProvider
 from ._base import (

@@ -36,7 +36,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
-from .._config import ProviderConfig, Timeouts
 from .._errors import (
     InvalidField,
     UpstreamBadRequest,
@@ -60,6 +59,7 @@ from .._transport import (
     UpstreamResponse,
 )
 from .._usage import Usage
+from ..config import ProviderConfig, Timeouts
 
 log = logging.getLogger("hapax.providers")
 

@@ -12,9 +12,9 @@ from typing import Any, ClassVar
 
 import orjson
 
-from .._config import ProviderConfig
 from .._transport import Transport
 from .._usage import Usage
+from ..config import ProviderConfig
 from ._base import Call, EventBatches, JsonReply, Operation, Provider, Reply, StreamReply
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"

@@ -39,23 +39,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ._access_config import Budget, RateLimits
+from .._budget import BudgetDenied, BudgetGrant, BudgetLedger, BudgetScope, day_of, month_of
+from .._errors import AuthenticationFailed, PermissionDenied, QuotaExceeded, RateLimited
+from .._exchange import Exchange
+from .._files import private_dir
+from .._http import Request, Response
+from .._ratelimit import RateDenied, RateGrant, RateLimiter, Scope
+from .._usage import Usage, estimate_prompt_tokens
+from ..config import Budget, Config, ModelConfig, RateLimits, default_config
 from ._audit import Audit, FileAudit
-from ._budget import BudgetDenied, BudgetGrant, BudgetLedger, BudgetScope, day_of, month_of
-from ._config import Config, ModelConfig, default_config
-from ._errors import AuthenticationFailed, PermissionDenied, QuotaExceeded, RateLimited
-from ._exchange import Exchange
-from ._files import private_dir
-from ._http import Request, Response
 from ._keys import FileKeyStore, KeyRecord, KeyStore, MemoryKeyStore, hash_secret
 from ._pricing import PriceTable, cost_usd
-from ._ratelimit import RateDenied, RateGrant, RateLimiter, Scope
 from ._roles import Permission, allowed
-from ._usage import Usage, estimate_prompt_tokens
 from ._usage_ledger import UsageFile, UsageLedger
 
 if TYPE_CHECKING:
-    from ._metrics import GatewayMetrics
+    from .._metrics import GatewayMetrics
 
 log = logging.getLogger("hapax.access")
 

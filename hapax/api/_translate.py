@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._sse import SSEEvent
-from ._usage import Usage
-from .providers._base import Operation
+from .._sse import SSEEvent
+from .._usage import Usage
+from ..providers import Operation
 
 
 class StreamTranslator(ABC):

@@ -24,9 +24,6 @@ from typing import Any, Protocol
 
 import orjson
 
-from ._access import AccessControl, Admission, Principal
-from ._config import Config
-from ._dispatch import Dispatcher
 from ._errors import (
     HapaxError,
     InternalError,
@@ -39,13 +36,12 @@ from ._errors import (
 from ._exchange import Exchange
 from ._http import Request, Response
 from ._metrics import GatewayMetrics, status_class
-from ._model_name import rename
-from ._roles import Permission
-from ._runtime import Runtime, TransportFactory
 from ._sse import SSEEvent, encode
-from ._translate import StreamTranslator
-from ._validate import read_json_body, validate
+from .access import AccessControl, Admission, Permission, Principal
+from .api import StreamTranslator, read_json_body, rename, validate
+from .config import Config
 from .providers import JsonReply, Operation, StreamReply
+from .routing import Dispatcher, Runtime, TransportFactory
 
 log = logging.getLogger("hapax.gateway")
 access_log = logging.getLogger("hapax.access")

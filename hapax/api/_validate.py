@@ -28,8 +28,8 @@ from typing import Any, Final
 
 import orjson
 
-from ._errors import InvalidField, InvalidJSON, RequestTooComplex
-from .providers import Operation
+from .._errors import InvalidField, InvalidJSON, RequestTooComplex
+from ..providers import Operation
 
 #: JSON values a body may hold (commas, ``[`` and ``{`` counted, inside strings too). Real
 #: prompts keep their text in a few long strings, far below this; parsing this many takes

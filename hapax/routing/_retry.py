@@ -24,8 +24,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ._errors import HapaxError, UpstreamError
-from ._reliability_config import RetryConfig
+from .._errors import HapaxError, UpstreamError
+from ..config import RetryConfig
 
 
 def retryable(exc: BaseException) -> bool:

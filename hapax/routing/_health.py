@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from ..config import BreakerConfig, HealthCheckConfig
 from ._breaker import CircuitBreaker
-from ._reliability_config import BreakerConfig, HealthCheckConfig
 
 if TYPE_CHECKING:
     from ._runtime import Runtime

@@ -120,7 +120,7 @@ class HealthCheckConfig(_Model):
 
 
 def check_strategy(name: str) -> str:
-    from ._balancer import STRATEGIES
+    from ..routing import STRATEGIES
 
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")

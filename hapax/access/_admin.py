@@ -33,16 +33,16 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ._access_config import Budget, RateLimits
-from ._errors import BadRequest, InvalidField, InvalidJSON, MethodNotAllowed, NotFound
-from ._exchange import Exchange
-from ._http import Request, Response
+from .._errors import BadRequest, InvalidField, InvalidJSON, MethodNotAllowed, NotFound
+from .._exchange import Exchange
+from .._http import Request, Response
+from ..config import Budget, RateLimits
 from ._keys import KeyRecord, Role, hash_secret, hint_of, iso_utc, mint_secret, new_key_id
 from ._roles import ROLE_PERMISSIONS, Permission
 from ._usage_ledger import GROUPS, ROW_FIELDS, SUMS, group, to_csv
 
 if TYPE_CHECKING:
-    from ._access import AccessControl, Principal
+    from ._control import AccessControl, Principal
 
 _JSON = {"content-type": "application/json"}
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
@@ -281,8 +281,8 @@ def me(ac: AccessControl, who: Principal) -> Response:
     Any valid key may ask, about itself only: a developer sees where they stand
     without the ``read_usage`` permission that shows everyone's.
     """
-    from ._budget import day_of, month_of
-    from ._ratelimit import Scope
+    from .._budget import day_of, month_of
+    from .._ratelimit import Scope
 
     now, mono = ac._now(), ac._mono()
     cfg = ac.config

@@ -37,8 +37,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._access_config import Budget, RateLimits
-from ._files import atomic_write, locked
+from .._files import atomic_write, locked
+from ..config import Budget, RateLimits
 
 KEY_PREFIX = "hpx_"
 #: 256 bits: brute force is out of reach, so a plain SHA-256 is a safe stored form.

@@ -22,9 +22,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from ._access_config import AuditConfig, AuthConfig, GlobalLimits, ModelPrice, TeamConfig, UsageConfig
-from ._errors import ConfigError
-from ._reliability_config import HealthCheckConfig, ReliabilityConfig, RetryConfig, check_strategy
+from .._errors import ConfigError
+from ._access import AuditConfig, AuthConfig, GlobalLimits, ModelPrice, TeamConfig, UsageConfig
+from ._reliability import HealthCheckConfig, ReliabilityConfig, RetryConfig, check_strategy
 
 #: Large enough for multimodal prompts with inline images, small enough to bound memory.
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024

@@ -45,12 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ._admission import GLOBAL, Slot, SlotGate, overload_error
-from ._balancer import Strategy, build_strategy, ewma
-from ._breaker import STATE_VALUE, BreakerState, Permit
-from ._config import Config, Deployment, ModelConfig
-from ._dedup import InFlight, MemoryInFlight, dedup_key
-from ._errors import (
+from .._errors import (
     MISCONFIGURED,
     HapaxError,
     InvalidField,
@@ -59,12 +54,17 @@ from ._errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from ._exchange import Exchange
+from .._exchange import Exchange
+from .._metrics import GatewayMetrics
+from ..api import Translation, find_translation
+from ..config import Config, Deployment, ModelConfig
+from ..providers import Call, EventBatches, Operation, Provider, Reply, StreamReply, has_provider_headers
+from ._admission import GLOBAL, Slot, SlotGate, overload_error
+from ._balancer import Strategy, build_strategy, ewma
+from ._breaker import STATE_VALUE, BreakerState, Permit
+from ._dedup import InFlight, MemoryInFlight, dedup_key
 from ._health import DeploymentHealth, HealthStore, MemoryHealthStore, Prober, ProbeStatus
-from ._metrics import GatewayMetrics
 from ._retry import GiveUp, RetryPlan, retry_after_of
-from ._translate import Translation, find_translation
-from .providers import Call, EventBatches, Operation, Provider, Reply, StreamReply, has_provider_headers
 
 if TYPE_CHECKING:
     from ._runtime import Runtime

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from ._config import Config, ModelConfig, ProviderConfig
-from ._transport import Transport
-from .providers import Provider, build_provider
+from .._transport import Transport
+from ..config import Config, ModelConfig, ProviderConfig
+from ..providers import Provider, build_provider
 
 TransportFactory = Callable[[str, ProviderConfig], Transport]
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from ._files import locked
+from .._files import locked
 
 GENESIS = "0" * 64
 LIVE = "audit.jsonl"

@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
-from ._reliability_config import BreakerConfig
+from ..config import BreakerConfig
 
 #: The failure-rate window is kept as this many time buckets: O(1) memory per breaker.
 WINDOW_BUCKETS = 10

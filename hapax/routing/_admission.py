@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ._errors import HapaxError, RateLimited, ServiceUnavailable
+from .._errors import HapaxError, RateLimited, ServiceUnavailable
 
 GLOBAL = "*"
 

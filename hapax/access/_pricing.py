@@ -28,10 +28,10 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from ._access_config import ModelPrice
+from ..config import ModelPrice
 
 if TYPE_CHECKING:
-    from ._config import ModelConfig
+    from ..config import ModelConfig
 
 log = logging.getLogger("hapax.access")
 

@@ -51,12 +51,12 @@ from typing import Any
 
 import orjson
 
-from ._errors import InvalidField, UpstreamUnavailable
-from ._sse import SSEEvent
+from .._errors import InvalidField, UpstreamUnavailable
+from .._sse import SSEEvent
+from .._translate_fields import CHAT_NEUTRAL, cache_control, reasoning_budget, reasoning_effort, refuse_unknown
+from .._usage import Usage, estimate_prompt_tokens
+from ..providers import Operation
 from ._translate import StreamTranslator, Translation, register
-from ._translate_fields import CHAT_NEUTRAL, cache_control, reasoning_budget, reasoning_effort, refuse_unknown
-from ._usage import Usage, estimate_prompt_tokens
-from .providers._base import Operation
 
 #: Anthropic requires max_tokens and OpenAI does not; 4096 is what every current
 #: Claude model accepts, and long enough that an unset limit rarely truncates.

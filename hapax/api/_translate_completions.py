@@ -20,12 +20,12 @@ from typing import Any
 
 import orjson
 
-from ._errors import InvalidField, UpstreamUnavailable
-from ._sse import SSEEvent
+from .._errors import InvalidField, UpstreamUnavailable
+from .._sse import SSEEvent
+from .._translate_fields import refuse_unknown
+from .._usage import Usage
+from ..providers import Operation
 from ._translate import StreamTranslator, Translation, register
-from ._translate_fields import refuse_unknown
-from ._usage import Usage
-from .providers._base import Operation
 
 #: Request keys that mean the same in both operations.
 _SHARED = (

@@ -1,0 +1,11 @@
+"""Access control: who is calling (keys, roles), what they may spend (limits, budgets, prices),
+what they spent (usage, the usage ledger, settlement), the audit trail and the admin API."""
+
+from __future__ import annotations
+
+from ._admin import _COMPILED as ADMIN_ROUTES
+from ._audit import verify
+from ._control import AccessControl, Admission, Principal
+from ._roles import Permission
+
+__all__ = ["ADMIN_ROUTES", "AccessControl", "Admission", "Permission", "Principal", "verify"]

@@ -1,0 +1,68 @@
+"""The config schema: one validated, immutable ``Config`` and the sections it is made of.
+
+The lowest layer of the core besides the shared base modules: every other package reads its
+settings from here, so nothing here imports them (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from ._access import AuditConfig, AuthConfig, Budget, GlobalLimits, ModelPrice, RateLimits, TeamConfig, UsageConfig
+from ._config import (
+    Config,
+    CORSConfig,
+    Deployment,
+    LoggingConfig,
+    MockSettings,
+    ModelConfig,
+    ProviderConfig,
+    RedisConfig,
+    ServerConfig,
+    StateConfig,
+    Timeouts,
+    config_findings,
+    config_schema,
+    default_config,
+    load_config,
+    parse_config,
+)
+from ._reliability import (
+    AdmissionConfig,
+    BreakerConfig,
+    DedupConfig,
+    HealthCheckConfig,
+    ReliabilityConfig,
+    RetryConfig,
+)
+
+__all__ = [
+    "AdmissionConfig",
+    "AuditConfig",
+    "AuthConfig",
+    "BreakerConfig",
+    "Budget",
+    "CORSConfig",
+    "Config",
+    "DedupConfig",
+    "Deployment",
+    "GlobalLimits",
+    "HealthCheckConfig",
+    "LoggingConfig",
+    "MockSettings",
+    "ModelConfig",
+    "ModelPrice",
+    "ProviderConfig",
+    "RateLimits",
+    "RedisConfig",
+    "ReliabilityConfig",
+    "RetryConfig",
+    "ServerConfig",
+    "StateConfig",
+    "TeamConfig",
+    "Timeouts",
+    "UsageConfig",
+    "config_findings",
+    "config_schema",
+    "default_config",
+    "load_config",
+    "parse_config",
+]
