@@ -37,7 +37,7 @@ from ._exchange import Exchange
 from ._http import Request, Response
 from ._metrics import GatewayMetrics, status_class
 from ._sse import SSEEvent, encode
-from .access import AccessControl, Admission, Permission, Principal
+from .access import AccessControl, AccessGrant, Permission, Principal
 from .api import StreamTranslator, read_json_body, rename, validate
 from .config import Config
 from .providers import JsonReply, Operation, StreamReply
@@ -515,7 +515,7 @@ class _ResponseStream:
         translator: StreamTranslator | None,
         ex: Exchange,
         t0: float,
-        admission: Admission,
+        admission: AccessGrant,
         name: bytes | None = None,
     ) -> None:
         self._gw = gateway

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from ._admin import _COMPILED as ADMIN_ROUTES
 from ._audit import verify
-from ._control import AccessControl, Admission, Principal
+from ._control import AccessControl
+from ._grant import AccessGrant
+from ._principal import Principal
 from ._roles import Permission
 
-__all__ = ["ADMIN_ROUTES", "AccessControl", "Admission", "Permission", "Principal", "verify"]
+__all__ = ["ADMIN_ROUTES", "AccessControl", "AccessGrant", "Permission", "Principal", "verify"]

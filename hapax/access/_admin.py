@@ -42,7 +42,8 @@ from ._roles import ROLE_PERMISSIONS, Permission
 from ._usage_ledger import GROUPS, ROW_FIELDS, SUMS, group, to_csv
 
 if TYPE_CHECKING:
-    from ._control import AccessControl, Principal
+    from ._control import AccessControl
+    from ._principal import Principal
 
 _JSON = {"content-type": "application/json"}
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")

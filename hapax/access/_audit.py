@@ -36,11 +36,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .._files import locked
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 GENESIS = "0" * 64
 LIVE = "audit.jsonl"
@@ -230,3 +233,15 @@ def verify(path: str | os.PathLike[str]) -> VerifyResult:
                 res.events += 1
     res.ok = not res.problems
     return res
+
+
+def make_audit(cfg: Config, state_dir: Path | None) -> Audit:
+    """The audit trail the config asks for: off, in memory, or files under the state directory."""
+    if not cfg.audit.enabled:
+        return Audit(keep=0)
+    path = cfg.audit.path or (str(state_dir / "audit") if state_dir else None)
+    if path is None:
+        return Audit()
+    return FileAudit(
+        path, max_bytes=cfg.audit.max_bytes, retention_days=cfg.audit.retention_days, fsync=cfg.audit.fsync
+    )
