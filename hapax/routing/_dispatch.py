@@ -49,7 +49,6 @@ from .._errors import (
     MISCONFIGURED,
     HapaxError,
     InvalidField,
-    NoHealthyUpstream,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamUnavailable,
@@ -57,14 +56,16 @@ from .._errors import (
 from .._exchange import Exchange
 from .._metrics import GatewayMetrics
 from ..api import Translation, find_translation
-from ..config import Config, Deployment, ModelConfig
+from ..config import Deployment, ModelConfig
 from ..providers import Call, EventBatches, Operation, Provider, Reply, StreamReply, has_provider_headers
 from ._admission import GLOBAL, Slot, SlotGate, overload_error
-from ._balancer import Strategy, build_strategy, ewma
-from ._breaker import STATE_VALUE, BreakerState, Permit
+from ._balancer import Strategy, ewma
+from ._breaker import Permit
 from ._dedup import InFlight, MemoryInFlight, dedup_key
-from ._health import DeploymentHealth, HealthStore, MemoryHealthStore, Prober, ProbeStatus
+from ._health import HealthStore, MemoryHealthStore, Prober
+from ._health_report import HealthReport
 from ._retry import GiveUp, RetryPlan, retry_after_of
+from ._table import _Candidate
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -90,39 +91,7 @@ class Dispatched:
     upstream_seconds: float = 0.0
 
 
-@dataclass(slots=True)
-class _Candidate:
-    """A deployment as the strategy sees it: config plus live counters."""
-
-    dep: Deployment
-    health: DeploymentHealth
-
-    @property
-    def key(self) -> str:
-        return self.health.key
-
-    @property
-    def weight(self) -> float:
-        return self.dep.weight
-
-    @property
-    def priority(self) -> int:
-        return self.dep.priority
-
-    @property
-    def in_flight(self) -> int:
-        return self.health.in_flight
-
-    @property
-    def latency(self) -> float | None:
-        return self.health.latency
-
-    @property
-    def latency_at(self) -> float:
-        return self.health.latency_at
-
-
-class Dispatcher:
+class Dispatcher(HealthReport):
     def __init__(
         self,
         *,
@@ -159,28 +128,6 @@ class Dispatcher:
     async def aclose(self) -> None:
         if self._prober is not None:
             await self._prober.stop()
-
-    def sync(self, rt: Runtime) -> None:
-        """Follow a newer config: deployments, limits, strategies, probes."""
-        if rt.generation <= self._generation:
-            return
-        self._generation = rt.generation
-        cfg = rt.config
-        rel = cfg.reliability
-        pairs = [(d.provider, d.model) for m in cfg.models for d in m.deployments]
-        self.health.configure(
-            breaker=rel.circuit_breaker,
-            deployments=pairs,
-            health_checks={name: p.health_check for name, p in cfg.providers.items()},
-            now=self._clock(),
-        )
-        self.metrics.bind_deployments(f"{p}/{m}" for p, m in pairs)
-        strategies: dict[str, Strategy] = {}
-        for m in cfg.models:
-            old = self._strategies.get(m.name)
-            strategies[m.name] = old if old is not None and old.name == m.strategy else build_strategy(m.strategy)
-        self._strategies = strategies
-        self.gate.configure(queue_size=rel.admission.queue_size, limits=_limits(cfg))
 
     # -- entry point -------------------------------------------------------------------
 
@@ -418,162 +365,6 @@ class Dispatcher:
         reply.events = watched()
         _on_close(reply, done)
 
-    # -- choosing ----------------------------------------------------------------------
-
-    def _candidates(
-        self,
-        rt: Runtime,
-        model: ModelConfig,
-        now: float,
-        skip: set[str],
-        tried: dict[str, int],
-        breakers_on: bool,
-    ) -> list[_Candidate]:
-        out: list[_Candidate] = []
-        for dep in model.deployments:
-            h = self.health.deployment(dep.provider, dep.model)
-            if h.key in skip or dep.provider not in rt.providers:
-                continue
-            if self.health.provider(dep.provider).status is ProbeStatus.UNHEALTHY:
-                continue
-            if breakers_on and not h.breaker.available(now=now):
-                continue
-            out.append(_Candidate(dep, h))
-        strategy = self._strategies.get(model.name) or build_strategy(model.strategy)
-        ordered = strategy.order(out, now=now, rng=self._rng)
-        if tried:
-            ordered.sort(key=lambda c: tried.get(c.key, 0))  # stable: strategy order within
-        return ordered
-
-    def _soonest(self, model: ModelConfig, now: float) -> float | None:
-        """Seconds until a deployment of ``model`` may take calls again, if time alone will do it."""
-        soonest: float | None = None
-        for dep in model.deployments:
-            if self.health.provider(dep.provider).status is ProbeStatus.UNHEALTHY:
-                continue
-            t = self.health.deployment(dep.provider, dep.model).breaker.next_deadline()
-            if t is not None and t > now:
-                soonest = t if soonest is None else min(soonest, t)
-        return None if soonest is None else soonest - now
-
-    def _no_upstream(self, model: ModelConfig, now: float) -> NoHealthyUpstream:
-        why: list[str] = []
-        soonest: float | None = None
-        for dep in model.deployments:
-            h = self.health.deployment(dep.provider, dep.model)
-            if self.health.provider(dep.provider).status is ProbeStatus.UNHEALTHY:
-                why.append(f"{h.key}: provider probe failing")
-                continue
-            b = h.breaker
-            if now < b.cooling_until:
-                why.append(f"{h.key}: cooling down after 429")
-            else:
-                why.append(f"{h.key}: circuit {b.state.value}")
-            t = b.next_deadline()
-            if t is not None and t > now:
-                soonest = t if soonest is None else min(soonest, t)
-        return NoHealthyUpstream(
-            f"no healthy deployment for model '{model.name}' ({'; '.join(why)})",
-            retry_after=max(1.0, (soonest - now) if soonest is not None else 1.0),
-        )
-
-    # -- health, metrics, logs ----------------------------------------------------------
-
-    def _flush(self, h: DeploymentHealth) -> None:
-        for t in h.breaker.take_events():
-            label = self.metrics.deployments(h.key)
-            self.metrics.circuit_transitions.inc(label, t.new.value)
-            level = logging.WARNING if t.new is BreakerState.OPEN else logging.INFO
-            log.log(level, "circuit breaker " + t.new.value, extra={"fields": {
-                "deployment": h.key, "from": t.old.value, "to": t.new.value, "trigger": t.trigger.value,
-                "last_error": h.last_error}})
-
-    def _on_probe(self, provider: str, ok: bool, error: str | None) -> None:
-        now = self._clock()
-        ph = self.health.provider(provider)
-        self.metrics.probes.inc(self.metrics.providers(provider), "ok" if ok else "fail")
-        if ph.tracker is None:
-            return
-        new = ph.tracker.record(ok, now=now, error=error)
-        if new is None:
-            return
-        log.log(logging.WARNING if new is ProbeStatus.UNHEALTHY else logging.INFO,
-                "provider " + new.value, extra={"fields": {"provider": provider, "error": error}})
-        for h in ph.deployments:
-            if new is ProbeStatus.UNHEALTHY:
-                h.breaker.probe_down(now=now)
-            else:
-                h.breaker.probe_up(now=now)
-            self._flush(h)
-
-    def _collect(self) -> None:
-        m = self.metrics
-        m.queue_depth.set(to=self.gate.table.waiting)
-        for h in self.health.deployments():
-            label = m.deployments(h.key)
-            h.breaker.poll(now=self._clock())
-            self._flush(h)
-            m.circuit_state.set(label, to=STATE_VALUE[h.breaker.state])
-            m.deployment_in_flight.set(label, to=h.in_flight)
-        for ph in self.health.providers():
-            value = {ProbeStatus.HEALTHY: 1, ProbeStatus.UNHEALTHY: 0}.get(ph.status, -1)
-            m.provider_healthy.set(m.providers(ph.name), to=value)
-
-    def snapshot(self, rt: Runtime) -> dict[str, Any]:
-        """Each provider's and deployment's state, for /health/ready and /v1/health/providers."""
-        self.sync(rt)
-        now = self._clock()
-        users: dict[str, list[str]] = {}
-        for m in rt.config.models:
-            for dep in m.deployments:
-                users.setdefault(f"{dep.provider}/{dep.model}", []).append(m.name)
-        deployments = []
-        for h in self.health.deployments():
-            b = h.breaker
-            b.poll(now=now)
-            self._flush(h)
-            calls, failures = b.failure_counts(now=now)
-            state = b.state.value
-            if now < b.cooling_until:
-                state = "cooling_down"
-            deployments.append({
-                "deployment": h.key,
-                "provider": h.provider,
-                "model": h.model,
-                "models": users.get(h.key, []),
-                "state": state,
-                "breaker": b.state.value,
-                "available": b.available(now=now)
-                and self.health.provider(h.provider).status is not ProbeStatus.UNHEALTHY,
-                "open_remaining_s": round(max(0.0, b.opened_until - now), 3) if b.state is BreakerState.OPEN else 0,
-                "cooldown_remaining_s": round(max(0.0, b.cooling_until - now), 3),
-                "consecutive_failures": b.consecutive,
-                "window_calls": calls,
-                "window_failures": failures,
-                "in_flight": h.in_flight,
-                "latency_ewma_ms": round(h.latency * 1000, 3) if h.latency is not None else None,
-                "successes": h.successes,
-                "failures": h.failures,
-                "last_error": h.last_error,
-            })
-        providers = {}
-        for name in rt.config.providers:
-            ph = self.health.provider(name)
-            t = ph.tracker
-            built = rt.providers.get(name)
-            providers[name] = {
-                "type": rt.config.providers[name].type,
-                "probe": ph.status.value if t is not None else "disabled",
-                "last_probe_error": t.last_error if t is not None else None,
-                # Set while calls find the API missing at base_url (a misplaced /v1, say).
-                "misconfigured": built.misconfigured if built is not None else None,
-                "deployments": sorted(h.key for h in ph.deployments),
-            }
-        return {
-            "providers": providers,
-            "deployments": sorted(deployments, key=lambda d: str(d["deployment"])),
-            "queue": {"waiting": self.gate.table.waiting},
-        }
 
 
 def _gave_up(exc: HapaxError, trail: list[tuple[str, str, int]], t_first: float) -> HapaxError:
@@ -584,21 +375,6 @@ def _gave_up(exc: HapaxError, trail: list[tuple[str, str, int]], t_first: float)
     exc.tried = tuple(trail)
     exc.upstream_seconds = time.perf_counter() - t_first
     return exc
-
-
-def _limits(cfg: Config) -> dict[str, int | None]:
-    limits: dict[str, int | None] = {GLOBAL: cfg.reliability.admission.max_concurrency}
-    for m in cfg.models:
-        limits["model:" + m.name] = m.max_concurrency
-        for d in m.deployments:
-            key = f"dep:{d.provider}/{d.model}"
-            # One deployment may serve several models; the tightest limit wins.
-            if d.max_concurrency is not None:
-                old = limits.get(key)
-                limits[key] = d.max_concurrency if old is None else min(old, d.max_concurrency)
-            else:
-                limits.setdefault(key, None)
-    return {k: v for k, v in limits.items() if v is not None}
 
 
 def _on_close(reply: Reply, fn: Callable[[], None]) -> None:

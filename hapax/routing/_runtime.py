@@ -17,6 +17,7 @@ from collections.abc import Callable
 from .._transport import Transport
 from ..config import Config, ModelConfig, ProviderConfig
 from ..providers import Provider, build_provider
+from ._table import aliases
 
 TransportFactory = Callable[[str, ProviderConfig], Transport]
 
@@ -39,10 +40,8 @@ class Runtime:
                 self.providers[name] = old
             else:
                 self.providers[name] = build_provider(name, pcfg, transport_factory(name, pcfg))
-        self.models: dict[str, ModelConfig] = {}
-        for m in config.models:
-            for public in (m.name, *m.aliases):
-                self.models[public] = m
+        #: The route table's first column: public name (or alias) to model (``_table``).
+        self.models: dict[str, ModelConfig] = aliases(config)
         self._active = 0
         self._retired_to: Runtime | None = None
         self._closing: list[asyncio.Task[None]] = []

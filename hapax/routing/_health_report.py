@@ -1,0 +1,116 @@
+"""What routing knows, shown: the health JSON, the collected gauges, and breaker/probe transitions
+as metrics and log lines."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ._breaker import STATE_VALUE, BreakerState
+from ._health import DeploymentHealth, ProbeStatus
+from ._table import Routes
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+
+log = logging.getLogger("hapax.dispatch")
+
+
+class HealthReport(Routes):
+    """The reporting half of ``Dispatcher``."""
+
+    def _flush(self, h: DeploymentHealth) -> None:
+        for t in h.breaker.take_events():
+            label = self.metrics.deployments(h.key)
+            self.metrics.circuit_transitions.inc(label, t.new.value)
+            level = logging.WARNING if t.new is BreakerState.OPEN else logging.INFO
+            log.log(level, "circuit breaker " + t.new.value, extra={"fields": {
+                "deployment": h.key, "from": t.old.value, "to": t.new.value, "trigger": t.trigger.value,
+                "last_error": h.last_error}})
+
+    def _on_probe(self, provider: str, ok: bool, error: str | None) -> None:
+        now = self._clock()
+        ph = self.health.provider(provider)
+        self.metrics.probes.inc(self.metrics.providers(provider), "ok" if ok else "fail")
+        if ph.tracker is None:
+            return
+        new = ph.tracker.record(ok, now=now, error=error)
+        if new is None:
+            return
+        log.log(logging.WARNING if new is ProbeStatus.UNHEALTHY else logging.INFO,
+                "provider " + new.value, extra={"fields": {"provider": provider, "error": error}})
+        for h in ph.deployments:
+            if new is ProbeStatus.UNHEALTHY:
+                h.breaker.probe_down(now=now)
+            else:
+                h.breaker.probe_up(now=now)
+            self._flush(h)
+
+    def _collect(self) -> None:
+        m = self.metrics
+        m.queue_depth.set(to=self.gate.table.waiting)
+        for h in self.health.deployments():
+            label = m.deployments(h.key)
+            h.breaker.poll(now=self._clock())
+            self._flush(h)
+            m.circuit_state.set(label, to=STATE_VALUE[h.breaker.state])
+            m.deployment_in_flight.set(label, to=h.in_flight)
+        for ph in self.health.providers():
+            value = {ProbeStatus.HEALTHY: 1, ProbeStatus.UNHEALTHY: 0}.get(ph.status, -1)
+            m.provider_healthy.set(m.providers(ph.name), to=value)
+
+    def snapshot(self, rt: Runtime) -> dict[str, Any]:
+        """Each provider's and deployment's state, for /health/ready and /v1/health/providers."""
+        self.sync(rt)
+        now = self._clock()
+        users: dict[str, list[str]] = {}
+        for m in rt.config.models:
+            for dep in m.deployments:
+                users.setdefault(f"{dep.provider}/{dep.model}", []).append(m.name)
+        deployments = []
+        for h in self.health.deployments():
+            b = h.breaker
+            b.poll(now=now)
+            self._flush(h)
+            calls, failures = b.failure_counts(now=now)
+            state = b.state.value
+            if now < b.cooling_until:
+                state = "cooling_down"
+            deployments.append({
+                "deployment": h.key,
+                "provider": h.provider,
+                "model": h.model,
+                "models": users.get(h.key, []),
+                "state": state,
+                "breaker": b.state.value,
+                "available": b.available(now=now)
+                and self.health.provider(h.provider).status is not ProbeStatus.UNHEALTHY,
+                "open_remaining_s": round(max(0.0, b.opened_until - now), 3) if b.state is BreakerState.OPEN else 0,
+                "cooldown_remaining_s": round(max(0.0, b.cooling_until - now), 3),
+                "consecutive_failures": b.consecutive,
+                "window_calls": calls,
+                "window_failures": failures,
+                "in_flight": h.in_flight,
+                "latency_ewma_ms": round(h.latency * 1000, 3) if h.latency is not None else None,
+                "successes": h.successes,
+                "failures": h.failures,
+                "last_error": h.last_error,
+            })
+        providers = {}
+        for name in rt.config.providers:
+            ph = self.health.provider(name)
+            t = ph.tracker
+            built = rt.providers.get(name)
+            providers[name] = {
+                "type": rt.config.providers[name].type,
+                "probe": ph.status.value if t is not None else "disabled",
+                "last_probe_error": t.last_error if t is not None else None,
+                # Set while calls find the API missing at base_url (a misplaced /v1, say).
+                "misconfigured": built.misconfigured if built is not None else None,
+                "deployments": sorted(h.key for h in ph.deployments),
+            }
+        return {
+            "providers": providers,
+            "deployments": sorted(deployments, key=lambda d: str(d["deployment"])),
+            "queue": {"waiting": self.gate.table.waiting},
+        }
