@@ -1,5 +1,6 @@
 """Hapax: the core of an LLM gateway. What a request means; no sockets of its own."""
 
+from ._access_log import AccessSink, LoggingAccessSink
 from ._errors import (
     MISCONFIGURED,
     ClientWriteTimeout,
@@ -13,7 +14,7 @@ from ._errors import (
 from ._exchange import Exchange
 from ._http import Request, Response
 from ._metrics import GatewayMetrics
-from ._pipeline import AccessSink, Gateway, LoggingAccessSink
+from ._pipeline import Gateway
 from ._transport import (
     ConnectError,
     ConnectTimeout,

@@ -20,10 +20,11 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator
-from typing import Any, Protocol
 
 import orjson
 
+from ._access_log import AccessSink, LoggingAccessSink
+from ._cors import add_cors
 from ._errors import (
     HapaxError,
     InternalError,
@@ -35,16 +36,16 @@ from ._errors import (
 )
 from ._exchange import Exchange
 from ._http import Request, Response
-from ._metrics import GatewayMetrics, status_class
+from ._metrics import GatewayMetrics
+from ._routes import BuiltinRoutes, _route_name
 from ._sse import SSEEvent, encode
-from .access import AccessControl, AccessGrant, Permission, Principal
-from .api import StreamTranslator, read_json_body, rename, validate
+from .access import AccessControl, AccessGrant, Principal
+from .api import StreamTranslator, error_response, read_json_body, rename, stream_error, validate
 from .config import Config
 from .providers import JsonReply, Operation, StreamReply
 from .routing import Dispatcher, Runtime, TransportFactory
 
 log = logging.getLogger("hapax.gateway")
-access_log = logging.getLogger("hapax.access")
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _JSON = "application/json"
@@ -86,31 +87,7 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
-class AccessSink(Protocol):
-    """Where each request's access line goes: the core builds the fields, the sink does the I/O.
-
-    ``enabled`` is read per request (false: the fields are not even built); the call must
-    not block the event loop. A node buffers lines and writes them off the loop.
-    """
-
-    @property
-    def enabled(self) -> bool: ...
-
-    def __call__(self, fields: dict[str, Any]) -> None: ...
-
-
-class LoggingAccessSink:
-    """The default sink: one ``logging`` record per request on ``hapax.access``, at info."""
-
-    @property
-    def enabled(self) -> bool:
-        return access_log.isEnabledFor(logging.INFO)
-
-    def __call__(self, fields: dict[str, Any]) -> None:
-        access_log.info("request", extra={"fields": fields})
-
-
-class Gateway:
+class Gateway(BuiltinRoutes):
     def __init__(
         self,
         config: Config,
@@ -201,7 +178,7 @@ class Gateway:
                 resp = self._builtin(req, ex)
             streaming = resp.stream is not None
         except HapaxError as exc:
-            resp = self._error(ex, exc)
+            resp = error_response(ex, exc)
         except asyncio.CancelledError:
             # The client hung up (the front door cancels us): count it, then let it unwind.
             ex.status = 499
@@ -209,14 +186,14 @@ class Gateway:
             raise
         except Exception as exc:  # a bug: answer 500, keep serving
             log.exception("unhandled error", extra={"request_id": rid, "path": req.path})
-            resp = self._error(ex, InternalError(f"internal error: {type(exc).__name__}"))
+            resp = error_response(ex, InternalError(f"internal error: {type(exc).__name__}"))
         finally:
             if not streaming:
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
         resp.headers["x-request-id"] = rid
         if cors.enabled:
-            self._cors(req, resp)
+            add_cors(self.runtime.config, req, resp)
         if self.runtime.config.logging.log_bodies and ex.model:
             ex.request_body = req.body[:_LOGGED_BODY_BYTES]
             if not streaming:
@@ -325,177 +302,6 @@ class Gateway:
                 rt.release()
                 self.access.settle(admission, ex.usage, ex)
 
-    # -- built-in routes ---------------------------------------------------------------
-
-    def _builtin(self, req: Request, ex: Exchange) -> Response:
-        path = req.path
-        if path in (
-            "/health/live", "/health/ready", "/metrics", "/v1/models", "/v1/health/providers", "/v1/me"
-        ) or path.startswith("/v1/models/"):
-            if req.method not in ("GET", "HEAD"):
-                raise MethodNotAllowed(f"{path} accepts GET only")
-        else:
-            raise RouteNotFound(f"no route for {req.method} {path}")
-        if path == "/health/live":
-            return _json(200, {"status": "live"})
-        if path == "/health/ready":
-            return self._ready()
-        if path == "/v1/health/providers":
-            # Operators' view of every deployment (upstream errors, load): with auth.mode keys
-            # it needs "view cluster", like /admin/cluster; with none it stays open.
-            self.access.authorize(req, ex, Permission.VIEW_CLUSTER)
-            return _json(200, self.dispatcher.snapshot(self.runtime))
-        if path == "/v1/me":
-            return self.access.me(req, ex)
-        if path == "/metrics":
-            return Response(
-                200,
-                {"content-type": "text/plain; version=0.0.4; charset=utf-8"},
-                self.metrics.registry.render(),
-            )
-        rt = self.runtime
-        if path == "/v1/models":
-            # Aliases are listed too: a client that discovers models here can call any name it sees.
-            data = [self._model_entry(n, m.owned_by) for m in rt.config.models for n in (m.name, *m.aliases)]
-            return _json(200, {"object": "list", "data": data})
-        public = path[len("/v1/models/") :]
-        m = rt.models.get(public)
-        if m is None:
-            raise ModelNotFound(f"the model '{public}' does not exist", param="model")
-        return _json(200, self._model_entry(public, m.owned_by))
-
-    def _model_entry(self, name: str, owned_by: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self.started_at, "owned_by": owned_by}
-
-    def _ready(self) -> Response:
-        rt = self.runtime
-        providers = {
-            name: {"type": p.type, "models": sorted(
-                m.name for m in rt.config.models if any(d.provider == name for d in m.deployments)
-            )}
-            for name, p in rt.providers.items()
-        }
-        health = self.dispatcher.snapshot(rt)
-        for name, info in providers.items():
-            info["probe"] = health["providers"].get(name, {}).get("probe", "disabled")
-        status = "draining" if self.draining else "ready"
-        body = {
-            "status": status,
-            "config_generation": rt.generation,
-            "providers": providers,
-            # Readiness is the node's own: a failing provider is routed around, not a reason
-            # for the load balancer to drop every node at once.
-            "deployments": {d["deployment"]: d["state"] for d in health["deployments"]},
-        }
-        return _json(503 if self.draining else 200, body)
-
-    # -- errors, CORS, accounting ------------------------------------------------------
-
-    def _error(self, ex: Exchange, exc: HapaxError) -> Response:
-        ex.error = exc
-        headers = {"content-type": _JSON}
-        if ex.ratelimit_headers:
-            headers.update(ex.ratelimit_headers)
-        if exc.retry_after is not None:
-            headers["retry-after"] = str(max(1, round(exc.retry_after)))
-        if exc.tried:
-            # Upstream attempts all failed: say where they went and why, as a success would.
-            last = exc.tried[-1][0]
-            provider, _, upstream = last.partition("/")
-            headers["x-hapax-provider"] = provider
-            headers["x-hapax-upstream-model"] = upstream
-            headers["x-hapax-deployment"] = last
-            headers["x-hapax-attempts"] = str(len(exc.tried))
-            headers["x-hapax-attempted"] = ", ".join(f"{d}={code}" for d, code, _ in exc.tried)
-            ex.attempts = len(exc.tried)
-            ex.deployment, ex.provider = last, provider
-            ex.upstream_seconds = exc.upstream_seconds
-        return Response(exc.status, headers, _error_body(exc, ex.request_id, ex.anthropic))
-
-    def _stream_error(self, ex: Exchange, exc: HapaxError) -> bytes:
-        body = _error_body(exc, ex.request_id, ex.anthropic)
-        return encode(body, "error") if ex.anthropic else encode(body)
-
-    def _cors(self, req: Request, resp: Response) -> None:
-        cors = self.runtime.config.server.cors
-        origin = req.headers.get("origin")
-        if not origin:
-            return
-        if req.path.startswith("/admin") and origin not in self.runtime.config.auth.admin_cors_origins:
-            return  # browsers may not call the admin API unless an origin is named for it
-        if "*" in cors.allow_origins:
-            resp.headers["access-control-allow-origin"] = "*"
-        elif origin in cors.allow_origins:
-            resp.headers["access-control-allow-origin"] = origin
-            resp.headers["vary"] = "origin"
-        else:
-            return
-        resp.headers["access-control-expose-headers"] = ", ".join(cors.expose_headers)
-        if req.method == "OPTIONS":
-            resp.headers["access-control-allow-methods"] = ", ".join(cors.allow_methods)
-            resp.headers["access-control-allow-headers"] = ", ".join(cors.allow_headers)
-            resp.headers["access-control-max-age"] = str(cors.max_age)
-
-    def _record(self, ex: Exchange, total: float) -> None:
-        m = self.metrics
-        model = m.models(ex.model) if ex.model else "none"
-        provider = m.providers(ex.provider) if ex.provider else "none"
-        status = ex.status
-        if ex.error is not None and status == 200:
-            status = ex.error.status  # a stream that failed after its headers
-        m.requests.inc(ex.route, model, provider, str(status))
-        m.request_duration.observe(total, ex.route, model, status_class(status))
-        if ex.provider:
-            m.upstream_duration.observe(ex.upstream_seconds, provider, m.deployments(ex.deployment))
-            m.gateway_overhead.observe(max(0.0, total - ex.upstream_seconds), ex.route)
-        if ex.ttft is not None:
-            m.ttft.observe(ex.ttft, model, provider)
-        if ex.usage is not None:
-            if ex.usage.prompt_tokens:
-                m.tokens.inc(model, provider, "input", by=ex.usage.prompt_tokens)
-            if ex.usage.completion_tokens:
-                m.tokens.inc(model, provider, "output", by=ex.usage.completion_tokens)
-        if ex.error is not None:
-            m.errors.inc(ex.route, model, ex.error.type, ex.error.code)
-        sink = self.access_sink
-        if sink.enabled:
-            fields: dict[str, Any] = {
-                "request_id": ex.request_id,
-                "method": ex.method,
-                "path": ex.path,
-                "route": ex.route,
-                "status": status,
-                "latency_ms": round(total * 1000, 3),
-                "remote": ex.remote,
-            }
-            if ex.model:
-                fields["model"] = ex.model
-                fields["provider"] = ex.provider
-                fields["deployment"] = ex.deployment
-                fields["attempts"] = ex.attempts
-                fields["stream"] = ex.stream
-                fields["upstream_ms"] = round(ex.upstream_seconds * 1000, 3)
-            if ex.ttft is not None:
-                fields["ttft_ms"] = round(ex.ttft * 1000, 3)
-            if ex.usage is not None:
-                fields["prompt_tokens"] = ex.usage.prompt_tokens
-                fields["completion_tokens"] = ex.usage.completion_tokens
-            if ex.principal != "anonymous":
-                fields["principal"] = ex.principal
-            if ex.team:
-                fields["team"] = ex.team
-            if ex.key_name:
-                fields["key_name"] = ex.key_name
-            if ex.cost_usd is not None:
-                fields["cost_usd"] = round(ex.cost_usd, 8)
-            if ex.error is not None:
-                fields["error_code"] = ex.error.code
-            if ex.request_body:
-                fields["request_body"] = ex.request_body.decode("utf-8", "replace")
-            if ex.response_body:
-                fields["response_body"] = ex.response_body.decode("utf-8", "replace")
-            sink(fields)
-
 
 class _ResponseStream:
     """The body of a streamed response: the client's events, one write per upstream read.
@@ -555,11 +361,11 @@ class _ResponseStream:
         """
         self._cut = exc
         self._ex.error = exc
-        tail = self._gw._stream_error(self._ex, exc)
+        tail = stream_error(self._ex, exc)
         return tail if self._ex.anthropic else tail + b"data: [DONE]\n\n"
 
     async def _events(self) -> AsyncGenerator[bytes, None]:
-        ex, translator, gw, name = self._ex, self._translator, self._gw, self._name
+        ex, translator, name = self._ex, self._translator, self._name
         anthropic = ex.anthropic
         try:
             async for batch in self._reply.events:
@@ -586,11 +392,11 @@ class _ResponseStream:
                 yield tail
         except HapaxError as exc:
             ex.error = exc
-            yield gw._stream_error(ex, exc)
+            yield stream_error(ex, exc)
         except Exception as exc:
             log.exception("unhandled error in stream", extra={"request_id": ex.request_id})
             ex.error = InternalError(f"internal error: {type(exc).__name__}")
-            yield gw._stream_error(ex, ex.error)
+            yield stream_error(ex, ex.error)
         self._finish(hung_up=False)
 
     def _finish(self, *, hung_up: bool) -> None:
@@ -624,18 +430,6 @@ def _priority(header: str | None, principal: Principal) -> int:
     return max(asked, principal.max_priority)
 
 
-def _route_name(path: str) -> str:
-    if path.startswith("/v1/models"):
-        return "models"
-    if path.startswith(("/health/", "/v1/health/")):
-        return "health"
-    if path == "/metrics":
-        return "metrics"
-    if path == "/v1/me":
-        return "me"
-    return "unknown"
-
-
 def _encode(ev: SSEEvent, anthropic: bool) -> bytes:
     return encode(ev.data, ev.event if anthropic else None)
 
@@ -648,21 +442,3 @@ def _encode_named(ev: SSEEvent, anthropic: bool, name: bytes) -> bytes:
         return encode(data, ev.event)
     return encode(rename(ev.data, name))
 
-
-def _json(status: int, body: Any) -> Response:
-    return Response(status, {"content-type": _JSON}, orjson.dumps(body))
-
-
-def _error_body(exc: HapaxError, request_id: str, anthropic: bool) -> bytes:
-    err: dict[str, Any]
-    if anthropic:
-        err = {"type": exc.anthropic_type, "message": exc.message}
-        doc: dict[str, Any] = {"type": "error", "error": err, "request_id": request_id}
-    else:
-        err = {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code,
-               "request_id": request_id}
-        doc = {"error": err}
-    if exc.tried:
-        # An extra field beside the provider's own: SDKs keep unknown fields of an error body.
-        err["attempts"] = [{"deployment": d, "code": code, "status": status} for d, code, status in exc.tried]
-    return orjson.dumps(doc)

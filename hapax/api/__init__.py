@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from ._error_shape import error_body, error_response, stream_error
 from ._model_name import rename
 from ._translate import StreamTranslator, Translation, find_translation
 from ._validate import read_json_body, validate
 
-__all__ = ["StreamTranslator", "Translation", "find_translation", "read_json_body", "rename", "validate"]
+__all__ = [
+    "StreamTranslator",
+    "Translation",
+    "error_body",
+    "error_response",
+    "find_translation",
+    "read_json_body",
+    "rename",
+    "stream_error",
+    "validate",
+]
