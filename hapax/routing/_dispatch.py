@@ -9,7 +9,7 @@ point; nothing is retried after it. The layers, outermost first:
 
 1. **Dedup** (``hapax._dedup``): identical concurrent non-streaming requests of
    one caller share one pass through the layers below.
-2. **Admission** (``hapax._admission``): a slot under the node's and the
+2. **Admission** (``hapax.routing._slots``): a slot under the node's and the
    model's concurrency limits, or a wait in the priority queue.
 3. **Attempts**: the healthy deployments (breaker lets calls through, not
    cooling down after a 429, provider's probe not failing) ordered by the
@@ -58,13 +58,13 @@ from .._metrics import GatewayMetrics
 from ..api import Translation, find_translation
 from ..config import Deployment, ModelConfig
 from ..providers import Call, EventBatches, Operation, Provider, Reply, StreamReply, has_provider_headers
-from ._admission import GLOBAL, Slot, SlotGate, overload_error
 from ._balancer import Strategy, ewma
 from ._breaker import Permit
 from ._dedup import InFlight, MemoryInFlight, dedup_key
 from ._health import HealthStore, MemoryHealthStore, Prober
 from ._health_report import HealthReport
 from ._retry import GiveUp, RetryPlan, retry_after_of
+from ._slots import GLOBAL, Slot, SlotGate, overload_error
 from ._table import _Candidate
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 from .._errors import NoHealthyUpstream
 from .._metrics import GatewayMetrics
 from ..config import Config, Deployment, ModelConfig
-from ._admission import GLOBAL, SlotGate
 from ._balancer import Strategy, build_strategy
 from ._health import DeploymentHealth, HealthStore, ProbeStatus
+from ._slots import GLOBAL, SlotGate
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
