@@ -27,9 +27,8 @@ from ._transport import (
     UpstreamRequest,
     UpstreamResponse,
 )
+from ._version import __version__
 from .config import Config, config_schema, default_config, load_config, parse_config
-
-__version__ = "0.1.0"
 
 __all__ = [
     "MISCONFIGURED",

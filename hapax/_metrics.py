@@ -366,7 +366,7 @@ class GatewayMetrics:
                 self.limited.zero(scope, limit)
         for reason in QUEUE_REJECTIONS:
             self.queue_rejections.zero(reason)
-        from . import __version__  # the package's, read once
+        from ._version import __version__
 
         self.build_info.set(__version__, platform.python_version(), to=1)
         self.models = LabelBound()
