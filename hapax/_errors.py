@@ -2,7 +2,7 @@
 
 Every failure a client can see is a ``HapaxError`` subclass with a class-level
 HTTP status, OpenAI error ``type`` and stable ``code``. They are rendered to
-JSON at exactly one boundary (``hapax._gateway``), in OpenAI or Anthropic shape.
+JSON at exactly one boundary (``hapax.api._error_shape``), in OpenAI or Anthropic shape.
 
     HapaxError
     ├── ClientError                 4xx: the caller can fix it

@@ -46,7 +46,7 @@ GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 
 OTHER = "other"
 
-#: Routes that call a model; ``route`` is always one of these or of ``_gateway._route_name``'s.
+#: Routes that call a model; ``route`` is always one of these or of ``_routes._route_name``'s.
 MODEL_ROUTES = ("chat_completions", "completions", "embeddings", "messages")
 #: Statuses a model call ends with often enough to alert on: their series exist at 0 from start-up.
 ZERO_STATUSES = ("200", "429", "499", "500", "502", "503", "504")
@@ -265,7 +265,7 @@ class GatewayMetrics:
         self.config_info = r.add(Gauge(
             "hapax_config_generation", "Generation of the config in force; bumps on every reload.",
         ))
-        # Access control (hapax._access): team labels come from config and keys, never from requests.
+        # Access control (hapax.access): team labels come from config and keys, never from requests.
         self.auth_failures = r.add(Counter(
             "hapax_auth_failures_total", "Rejected credentials, by reason.", ("reason",),
         ))
@@ -283,7 +283,7 @@ class GatewayMetrics:
         self.cost = r.add(Counter(
             "hapax_cost_usd_total", "Cost charged in US dollars, by team and model.", ("team", "model"),
         ))
-        # Reliability (hapax._dispatch): deployment labels are provider/model pairs from config.
+        # Reliability (hapax.routing._dispatch): deployment labels are provider/model pairs from config.
         self.attempts = r.add(Counter(
             "hapax_upstream_attempts_total",
             "Upstream attempts by deployment and outcome (ok, or the error code).",

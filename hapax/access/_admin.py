@@ -3,7 +3,7 @@
 Theory of operation: every route names the one permission it needs
 (``ROUTES``); the caller is identified from their credential in any auth
 mode (with ``auth.mode: none`` only the bootstrap admin key or a stored key
-gets in) and checked against the role table in ``hapax._roles``. Every
+gets in) and checked against the role table in ``hapax.access._roles``. Every
 admin call is audited (``admin.request``, or ``admin.denied`` when the role
 lacks the permission), and every change is audited with its own event.
 

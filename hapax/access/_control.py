@@ -47,7 +47,7 @@ class AccessControl(Settlement):
         return handle(self, req, ex)
 
     def me(self, req: Request, ex: Exchange) -> Response:
-        """``GET /v1/me``: the caller's own key, limits, budget and usage (``hapax._admin.me``)."""
+        """``GET /v1/me``: the caller's own key, limits, budget and usage (``hapax.access._admin.me``)."""
         from ._admin import me
 
         if self.config.auth.mode == "none" and credential(req.headers) is None:

@@ -2,7 +2,7 @@
 
 Theory of operation: a key carries one role; a role is a fixed set of
 permissions. Every admin route names the one permission it needs
-(``hapax._admin``), model calls need ``CALL_MODELS``, and the operators'
+(``hapax.access._admin``), model calls need ``CALL_MODELS``, and the operators'
 health view ``GET /v1/health/providers`` needs ``VIEW_CLUSTER`` when keys
 are on (``AccessControl.authorize``). The table below is
 the whole policy; docs/security.md prints the same matrix and a test walks it

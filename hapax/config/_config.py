@@ -142,7 +142,7 @@ class ModelConfig(_Model):
     response_model: Literal["public", "upstream"] = Field(
         "public", description="model name in responses: the client's public name or the upstream's"
     )
-    # Reliability (hapax._reliability_config): how deployments are chosen, limited, retried.
+    # Reliability (hapax.config._reliability): how deployments are chosen, limited, retried.
     strategy: str = Field("failover", description="load-balancing strategy over the deployments")
     max_concurrency: int | None = Field(None, ge=1, description="calls in flight for this model")
     retry: RetryConfig | None = Field(None, description="overrides reliability.retry for this model")
@@ -242,7 +242,7 @@ class Config(_Model):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: tuple[ModelConfig, ...] = ()
-    # Access control (hapax._access_config): who may call, how much, at what price, recorded where.
+    # Access control (hapax.config._access): who may call, how much, at what price, recorded where.
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: GlobalLimits = Field(default_factory=GlobalLimits)
     teams: dict[str, TeamConfig] = Field(default_factory=dict)

@@ -1,6 +1,6 @@
 """Config for the reliability layer: retries, circuit breakers, admission, dedup, probes.
 
-These models hang off ``hapax._config``: ``Config.reliability`` holds the
+These models hang off ``hapax.config``: ``Config.reliability`` holds the
 gateway-wide defaults, ``ModelConfig`` adds ``strategy``, ``max_concurrency``
 and an optional ``retry`` override, ``Deployment`` adds ``max_concurrency``,
 ``ProviderConfig`` adds ``health_check``. They live here so the reliability

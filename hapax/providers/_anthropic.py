@@ -1,7 +1,7 @@
 """Anthropic's Messages API.
 
 The adapter takes ``messages`` only; chat and completions reach it through
-``hapax._translate_anthropic``. Bodies pass through with ``model`` already
+``hapax.api._translate_anthropic``. Bodies pass through with ``model`` already
 rewritten. Streams pass through event by event; the adapter reads usage from
 ``message_start`` and ``message_delta`` as they go by (parsing only those
 events, not every delta), and turns an ``error`` event into an

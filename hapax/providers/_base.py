@@ -4,7 +4,7 @@ Theory of operation: the gateway speaks four operations, each in its public
 wire format: ``chat`` and ``completions`` and ``embeddings`` (OpenAI) and
 ``messages`` (Anthropic). A provider lists the operations it takes
 (``operations``); the gateway translates any other operation into one of
-those before calling (``hapax._translate``), so adapters never translate
+those before calling (``hapax.api._translate``), so adapters never translate
 between the public formats themselves. Adapters that front a foreign wire format
 (Gemini) convert inside ``send``.
 

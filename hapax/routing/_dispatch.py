@@ -7,19 +7,19 @@ deployment that gave it, so the gateway can translate the reply back and
 label its metrics. Everything that can still be undone happens before that
 point; nothing is retried after it. The layers, outermost first:
 
-1. **Dedup** (``hapax._dedup``): identical concurrent non-streaming requests of
+1. **Dedup** (``hapax.routing._dedup``): identical concurrent non-streaming requests of
    one caller share one pass through the layers below.
 2. **Admission** (``hapax.routing._slots``): a slot under the node's and the
    model's concurrency limits, or a wait in the priority queue.
 3. **Attempts**: the healthy deployments (breaker lets calls through, not
    cooling down after a 429, provider's probe not failing) ordered by the
-   model's strategy (``hapax._balancer``), untried ones first. Each attempt
+   model's strategy (``hapax.routing._balancer``), untried ones first. Each attempt
    takes a deployment slot (a full deployment is skipped; if all are full the
    request queues for whichever frees first), a breaker permit, and calls the
    provider, translating the operation when the provider does not take it.
    For streams the first event is awaited (and must be JSON) before
    returning, so a stream that fails at once still fails over.
-4. After a failure, ``hapax._retry.RetryPlan`` decides: fail over to an
+4. After a failure, ``hapax.routing._retry.RetryPlan`` decides: fail over to an
    untried deployment at once, retry a tried one after backoff, or give up
    and raise the last error.
 

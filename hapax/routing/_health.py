@@ -11,7 +11,7 @@ applied through a transition table. Status starts UNKNOWN (routable: no news
 is not bad news), becomes UNHEALTHY after ``unhealthy_threshold`` failures in
 a row and HEALTHY after ``healthy_threshold`` successes in a row. Its
 transitions feed the breakers of the provider's deployments (see
-``hapax._breaker``) and routing skips deployments of an UNHEALTHY provider.
+``hapax.routing._breaker``) and routing skips deployments of an UNHEALTHY provider.
 
 ``HealthStore`` is the state contract (DESIGN §4). Breakers stay per node in
 every backend, as Envoy's outlier detection does: each node judges what it
