@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from hapax import LoggingAccessSink
-from hapax.config._config import LoggingConfig
+from hapax.config import LoggingConfig
 from node import logs
 
 FIELDS = {
