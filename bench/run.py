@@ -29,6 +29,10 @@ TARGETS = ("direct", "proxy", "hapax")
 #: ``--access-log`` value -> the Hapax target it runs: ``hapax`` logs as users run it, ``hapax-nolog`` not.
 HAPAX_VARIANTS = {"on": "hapax", "off": "hapax-nolog"}
 MODES = ("nonstream", "stream")
+#: ``--state`` value -> suffix of the Hapax target that keeps its limits there.
+STATE_VARIANTS = {"memory": "", "redis": "-redis"}
+#: Limits every Hapax target gets under ``--state``: never refusing, always checked and settled.
+BENCH_LIMITS = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "concurrent": 10**6}
 
 
 @dataclass
@@ -114,6 +118,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         default="on",
         help="Hapax's access log: on (default, as operators run it), off, or on,off to run both "
         "nodes side by side in one run (target 'hapax-nolog' is the one without)",
+    )
+    p.add_argument(
+        "--state",
+        help="memory, redis or memory,redis: give every Hapax target global limits (never refusing) kept "
+        "in process memory or in a redis-server the bench starts on the load CPUs ('hapax-redis'); "
+        "unset: no limits, as before",
     )
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     return p.parse_args(argv)
@@ -232,6 +242,11 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
         on, off = g.get("hapax"), g.get("hapax-nolog")
         if on is not None and off is not None and (c_on := on.server_cpu_us()) and (c_off := off.server_cpu_us()):
             entry["access_log_cpu_us_per_request"] = c_on - c_off
+        red = g.get("hapax-redis")
+        if on is not None and red is not None and (c_on := on.server_cpu_us()) and (c_red := red.server_cpu_us()):
+            entry["redis_state_cpu_us_per_request"] = c_red - c_on
+            entry["redis_state_p50_added_ms"] = red.wrk.p50_ms - on.wrk.p50_ms
+            entry["redis_state_p99_added_ms"] = red.wrk.p99_ms - on.wrk.p99_ms
         for base in ("direct", "proxy"):
             b = g.get(base)
             if b is None or not b.wrk.rps:
@@ -260,6 +275,9 @@ def render_ratios(rs: list[dict[str, Any]]) -> str:
             parts.append(f"CPU/req Hapax/proxy {e['cpu_per_request_hapax_over_proxy']:.2f}")
         if "access_log_cpu_us_per_request" in e:
             parts.append(f"access log {e['access_log_cpu_us_per_request']:+.0f} us/req")
+        if "redis_state_cpu_us_per_request" in e:
+            parts.append(f"Redis state vs memory {e['redis_state_cpu_us_per_request']:+.0f} us/req, "
+                         f"p50 {e['redis_state_p50_added_ms']:+.2f} ms, p99 {e['redis_state_p99_added_ms']:+.2f} ms")
         lines.append("  ".join(parts))
     return "\n".join(lines)
 
@@ -279,9 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     logs = [v for v in a.access_log.split(",") if v]
     if bad := set(logs) - set(HAPAX_VARIANTS):
         raise SystemExit(f"--access-log takes on, off or on,off, not {sorted(bad)}")
+    states = [v for v in (a.state or "memory").split(",") if v]
+    if bad := set(states) - set(STATE_VARIANTS):
+        raise SystemExit(f"--state takes memory, redis or memory,redis, not {sorted(bad)}")
     if "hapax" in targets:
         i = targets.index("hapax")
-        targets[i : i + 1] = [HAPAX_VARIANTS[v] for v in logs]
+        # The log variants run on memory state; Redis state runs as users run it (log on).
+        targets[i : i + 1] = [HAPAX_VARIANTS[v] for v in logs if "memory" in states or v != "on"] + [
+            "hapax" + STATE_VARIANTS[v] for v in states if v != "memory"
+        ]
     modes = [a.only] if a.only else list(MODES)
     conns_list = [int(c) for c in str(a.connections).split(",")]
     ncpu = os.cpu_count() or 1
@@ -299,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hapax-bench-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     up_port, proxy_port = free_port(), free_port()
-    hapax_ports = {name: free_port() for name in HAPAX_VARIANTS.values()}
+    hapax_ports = {name: free_port() for name in (*HAPAX_VARIANTS.values(), "hapax-redis")}
+    redis_port = free_port()
     pool = max(100, max(conns_list))
     cfg_paths: dict[str, Path] = {}
     auth: dict[str, Any] | None = None
@@ -307,9 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.auth == "keys":  # one key store, shared by both nodes
         auth, api_key = _keys_mode(tmp / "state", a.python, env)
     for name, port in hapax_ports.items():
-        cfg = _hapax_config(port, up_port, pool, access_log=name == "hapax")
+        cfg = _hapax_config(port, up_port, pool, access_log=name != "hapax-nolog")
         if auth is not None:
             cfg["auth"] = auth
+        if a.state is not None:
+            cfg["limits"] = BENCH_LIMITS
+        if name == "hapax-redis":
+            cfg["state"] = {"cluster": "bench", "redis": {"url": f"redis://127.0.0.1:{redis_port}/0"}}
         cfg_paths[name] = tmp / f"{name}.yaml"
         cfg_paths[name].write_text(yaml.safe_dump(cfg))
     scripts = {m: wrk.write_script(tmp, m == "stream", api_key) for m in MODES}
@@ -329,6 +358,14 @@ def main(argv: list[str] | None = None) -> int:
             tmp, cpus=load_cpus, env=env,
         )
         procs["upstream"].wait_port(up_port)
+        if "hapax-redis" in targets:
+            procs["redis"] = Proc(
+                "redis",
+                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(tmp)],
+                tmp, cpus=load_cpus, env=env,
+            )
+            procs["redis"].wait_port(redis_port)
         if "proxy" in targets:
             procs["proxy"] = Proc(
                 "proxy",
@@ -389,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  sys.version: {gw_info['version']}")
     print(f"duration {a.duration:g}s per target after {a.warmup:g}s warm-up; wrk -t{a.wrk_threads}; "
           f"stream = {a.chunks} chunks + usage + [DONE]; Hapax auth mode {a.auth}; "
-          f"access log {a.access_log} (hapax-nolog: off)")
+          f"access log {a.access_log} (hapax-nolog: off); "
+          f"state {a.state or 'memory, no limits'} (hapax-redis: Redis on the load CPUs)")
     print()
     print(render(rows))
     noisy = [r for r in rows if (r.foreign_pct() or 0) > 10]
@@ -416,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "duration_s": a.duration, "warmup_s": a.warmup, "connections": conns_list,
                 "wrk_threads": a.wrk_threads, "chunks": a.chunks, "modes": modes, "targets": targets,
-                "hapax_auth": a.auth, "access_log": logs,
+                "hapax_auth": a.auth, "access_log": logs, "state": a.state,
                 "pinning": {"gateway_and_proxy": gw_cpus, "upstream_and_wrk": load_cpus},
                 "request_bytes": {m: len(wrk.request_body(m == "stream")) for m in MODES},
             },

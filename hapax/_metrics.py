@@ -254,6 +254,10 @@ class GatewayMetrics:
         self.in_flight = r.add(Gauge(
             "hapax_requests_in_flight", "Requests being handled right now.",
         ))
+        self.degraded = r.add(Gauge(
+            "hapax_degraded", "1 while a shared-state dependency is unreachable and its failure policy applies.",
+            ("dependency",),
+        ))
         self.errors = r.add(Counter(
             "hapax_errors_total", "Errors returned to clients, by route, model, error type and code.",
             ("route", "model", "type", "code"),

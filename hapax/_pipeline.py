@@ -174,6 +174,8 @@ class Gateway(BuiltinRoutes):
                 if admin is None:
                     raise RouteNotFound(f"no route for {req.method} {req.path}")
                 resp = admin
+            elif req.path == "/v1/me" and req.method in ("GET", "HEAD"):
+                resp = await self.access.me(req, ex)  # reads the shared state: awaited
             else:
                 resp = self._builtin(req, ex)
             streaming = resp.stream is not None
@@ -300,7 +302,7 @@ class Gateway(BuiltinRoutes):
         finally:
             if not settled:
                 rt.release()
-                self.access.settle(admission, ex.usage, ex)
+                await self.access.settle(admission, ex.usage, ex)
 
 
 class _ResponseStream:
@@ -349,7 +351,7 @@ class _ResponseStream:
         try:
             await self._body.aclose()
         finally:
-            self._finish(hung_up=True)
+            await self._finish(hung_up=True)
 
     def cut(self, exc: HapaxError) -> bytes:
         """The server ends this stream early because of ``exc``: the events that say so.
@@ -397,9 +399,9 @@ class _ResponseStream:
             log.exception("unhandled error in stream", extra={"request_id": ex.request_id})
             ex.error = InternalError(f"internal error: {type(exc).__name__}")
             yield stream_error(ex, ex.error)
-        self._finish(hung_up=False)
+        await self._finish(hung_up=False)
 
-    def _finish(self, *, hung_up: bool) -> None:
+    async def _finish(self, *, hung_up: bool) -> None:
         if self._finished:
             return
         self._finished = True
@@ -413,10 +415,12 @@ class _ResponseStream:
             self._reply.close()
         finally:
             self._rt.release()
-            gw.access.settle(self._admission, ex.usage, ex)
+            # Committed here; awaited last, so a cancelled close still counts and logs the call.
+            settled = gw.access.settle(self._admission, ex.usage, ex)
             gw.in_flight -= 1
             gw.metrics.in_flight.dec()
             gw._record(ex, time.perf_counter() - ex.started)
+        await settled
 
 
 def _priority(header: str | None, principal: Principal) -> int:

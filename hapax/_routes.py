@@ -44,8 +44,6 @@ class BuiltinRoutes(AccessLog):
             # it needs "view cluster", like /admin/cluster; with none it stays open.
             self.access.authorize(req, ex, Permission.VIEW_CLUSTER)
             return _json(200, self.dispatcher.snapshot(self.runtime))
-        if path == "/v1/me":
-            return self.access.me(req, ex)
         if path == "/metrics":
             return Response(
                 200,

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -38,6 +39,7 @@ from hapax import (
 )
 from hapax.access import AccessControl
 from hapax.config import config_findings
+from hapax.state import AccessState, FailoverState, MemoryState, RedisState
 
 from . import limits, logs
 from .protocol import SERVER_HEADER, GuardedHandler, Listener
@@ -207,10 +209,15 @@ class Node:
     def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        access = AccessControl(config, state_dir=state_dir(config, config_path))
+        state = build_state(config)
+        access = AccessControl(config, state_dir=state_dir(config, config_path), state=state)
         self.gateway = Gateway(
             config, transport_factory=transport_factory, access=access, access_sink=logs.ACCESS
         )
+        if isinstance(state, FailoverState):
+            degraded = self.gateway.metrics.degraded
+            degraded.set("redis", to=0)
+            state.on_change = lambda down: degraded.set("redis", to=1 if down else 0)
         logs.WRITER.on_drop = self.gateway.metrics.log_lines_dropped.inc
         self._stop = asyncio.Event()
         self._reload_now = asyncio.Event()
@@ -239,6 +246,7 @@ class Node:
         self.front.listener = server
         self._fd_watch = asyncio.create_task(self._watch_fds())
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0, handle_signals=False)
+        await self.gateway.access.state.start()
         await self._runner.setup()
         site = web.TCPSite(self._runner, srv.host, srv.port, reuse_port=True, backlog=srv.listen_backlog)
         await site.start()
@@ -363,6 +371,10 @@ class Node:
         old = self.gateway.runtime.config
         if (cfg.server.host, cfg.server.port) != (old.server.host, old.server.port):
             log.warning("server.host/port changes take effect on restart only")
+        if (cfg.state.redis, cfg.state.cluster, cfg.state.lease_seconds) != (
+            old.state.redis, old.state.cluster, old.state.lease_seconds
+        ):
+            log.warning("state.redis, state.cluster and state.lease_seconds take effect on restart only")
         logs.configure(cfg.logging)
         rt = self.gateway.apply(cfg)
         m.config_reloads.inc("success")
@@ -391,6 +403,35 @@ def _stamp(path: Path) -> tuple[int, int, int, int] | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def build_state(config: Config) -> AccessState:
+    """The access-state backend: memory, or Redis (behind its failure policy) with state.redis.url."""
+    st = config.state
+    r = st.redis
+    if r.url is None:
+        return MemoryState()
+    shared = RedisState.from_url(
+        r.url,
+        password=r.password.get_secret_value() if r.password is not None else None,
+        tls_ca_file=r.tls_ca_file,
+        timeout=r.timeout,
+        key_prefix=r.key_prefix,
+        cluster=st.cluster,
+        lease_seconds=st.lease_seconds,
+    )
+    return FailoverState(shared, workers=live_workers())
+
+
+def live_workers() -> int:
+    """Worker processes sharing this node's limits (``HAPAX_WORKERS``; 1 without it).
+
+    Under ``fail_open`` each worker checks locally against its share of every limit.
+    """
+    try:
+        return max(1, int(os.environ.get("HAPAX_WORKERS", "1")))
+    except ValueError:
+        return 1
 
 
 def state_dir(config: Config, config_path: Path | None) -> Path | None:

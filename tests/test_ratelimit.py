@@ -7,11 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from hapax._budget import BudgetDenied, BudgetGrant, BudgetLedger, BudgetScope
-from hapax._ratelimit import RateDenied, RateGrant, RateLimiter, Scope, TokenBucket, format_duration
 from hapax.access._audit import FileAudit, verify
 from hapax.access._pricing import PriceTable, cost_usd
-from hapax.config._access import Budget, ModelPrice, RateLimits
+from hapax.config import Budget, ModelPrice, RateLimits
+from hapax.state import (
+    BudgetDenied,
+    BudgetGrant,
+    BudgetLedger,
+    BudgetScope,
+    RateDenied,
+    RateGrant,
+    RateLimiter,
+    Scope,
+    TokenBucket,
+    format_duration,
+)
 
 
 def test_bucket_starts_full_and_refills_continuously() -> None:

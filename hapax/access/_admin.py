@@ -24,6 +24,7 @@ lacks the permission), and every change is audited with its own event.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -276,16 +277,15 @@ def usage(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str)
     return _json(200, {"object": "list", "data": rows, "totals": totals})
 
 
-def me(ac: AccessControl, who: Principal) -> Response:
+async def me(ac: AccessControl, who: Principal) -> Response:
     """``GET /v1/me``: the caller's own key, limits and what is left of them, budget, usage.
 
     Any valid key may ask, about itself only: a developer sees where they stand
     without the ``read_usage`` permission that shows everyone's.
     """
-    from .._budget import day_of, month_of
-    from .._ratelimit import Scope
+    from ..state import BudgetScope, Scope, day_of, format_duration, month_of
 
-    now, mono = ac._now(), ac._mono()
+    now = ac._now()
     cfg = ac.config
     rec = ac.keys.get(who.id) if who.is_key else None
     models = sorted(who.models) if who.models is not None else [m.name for m in cfg.models]
@@ -296,25 +296,26 @@ def me(ac: AccessControl, who: Principal) -> Response:
     if team_cfg is not None and who.team:
         scopes.append(("team", who.team, team_cfg.limits, team_cfg.budget))
     scopes.append(("global", "", cfg.limits, None))
+    rate = tuple(Scope(kind, id_, lim) for kind, id_, lim, _ in scopes if lim.any())
+    budget_scopes = tuple(BudgetScope(kind, id_, b) for kind, id_, _, b in scopes if b is not None and b.any())
+    view = await ac.state.view(rate, budget_scopes)
     today, month = day_of(now), month_of(now)
     limits, budgets = [], []
     for kind, id_, lim, budget in scopes:
         if lim.any():
-            scope = Scope(kind, id_, lim)
-            h = ac.limiter.headers((scope,), now=mono)
+            v = view.rate[(kind, id_)]
             entry: dict[str, Any] = {"scope": kind, "id": id_ or None}
-            if lim.requests_per_minute is not None:
+            if lim.requests_per_minute is not None and v.requests_remaining is not None:
                 entry["requests_per_minute"] = {"limit": lim.requests_per_minute,
-                                                "remaining": int(h["x-ratelimit-remaining-requests"]),
-                                                "reset": h["x-ratelimit-reset-requests"]}
-            if lim.tokens_per_minute is not None:
+                                                "remaining": max(0, math.floor(v.requests_remaining)),
+                                                "reset": format_duration(v.requests_reset)}
+            if lim.tokens_per_minute is not None and v.tokens_remaining is not None:
                 entry["tokens_per_minute"] = {"limit": lim.tokens_per_minute,
-                                              "remaining": int(h["x-ratelimit-remaining-tokens"]),
-                                              "reset": h["x-ratelimit-reset-tokens"]}
+                                              "remaining": max(0, math.floor(v.tokens_remaining)),
+                                              "reset": format_duration(v.tokens_reset)}
             if lim.concurrent is not None:
-                in_flight = ac.limiter.in_flight(scope)
-                entry["concurrent"] = {"limit": lim.concurrent, "in_flight": in_flight,
-                                       "remaining": max(0, lim.concurrent - in_flight)}
+                entry["concurrent"] = {"limit": lim.concurrent, "in_flight": v.in_flight,
+                                       "remaining": max(0, lim.concurrent - v.in_flight)}
             limits.append(entry)
         if budget is not None and budget.any():
             b: dict[str, Any] = {"scope": kind, "id": id_}
@@ -322,7 +323,7 @@ def me(ac: AccessControl, who: Principal) -> Response:
                                           ("daily_usd", today, 1), ("monthly_usd", month, 1)):
                 cap = getattr(budget, name)
                 if cap is not None:
-                    used = ac.budgets.used(kind, id_, period)[measure]  # spent plus reserved in flight
+                    used = view.used.get((kind, id_, period), (0.0, 0.0))[measure]  # spent plus reserved
                     b[name] = {"period": period, "cap": cap, "used": round(used, 8),
                                "remaining": round(max(0.0, cap - used), 8)}
             budgets.append(b)

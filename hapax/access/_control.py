@@ -3,16 +3,18 @@
 Theory of operation: the gateway asks ``AccessControl`` three things per
 model call. ``authenticate`` turns the request's credential into a
 ``Principal`` (or refuses, 401). ``admit`` checks the principal's role and
-model allowlist (403), then reserves what the call may consume: budgets
-first (``hapax._budget``), then rate limits (``hapax._ratelimit``); if the
-second refuses, the first is released. Both are synchronous with no ``await``
-between check and reserve, so admission is atomic on the event loop.
+model allowlist (403), then reserves what the call may consume with one
+``reserve`` of an ``Ask`` covering every scope (``hapax.state``: key, team and
+global rate limits, concurrency, budgets): all of it or nothing, atomic in the
+backend the composition root chose (memory, or Redis shared by every node).
 ``admit`` returns an ``AccessGrant`` whose headers (``x-ratelimit-*``) go on
 the response; it also leaves them on the ``Exchange``, refusals included, so
 a 429 or a later error carries them as a success does (not on the exception:
 deduplicated callers share one). ``settle`` is called exactly once when the
 call ends, however it ends, with the real usage: it prices the call, corrects
 the token buckets, moves the budget reservation to spent, and adds a usage row.
+The state settlement is committed when ``settle`` is called; what it returns
+only waits for the shared state to have it.
 
 Auth modes: ``none`` (everyone is the anonymous principal; only global
 limits apply; the admin API still needs the bootstrap admin key) and
@@ -46,7 +48,7 @@ class AccessControl(Settlement):
 
         return handle(self, req, ex)
 
-    def me(self, req: Request, ex: Exchange) -> Response:
+    async def me(self, req: Request, ex: Exchange) -> Response:
         """``GET /v1/me``: the caller's own key, limits, budget and usage (``hapax.access._admin.me``)."""
         from ._admin import me
 
@@ -55,7 +57,7 @@ class AccessControl(Settlement):
         else:
             who = self.identify(req, ex)
         ex.principal = who.id
-        return me(self, who)
+        return await me(self, who)
 
     def key_changed(self) -> None:
         self._bind_teams()

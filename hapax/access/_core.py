@@ -12,10 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .._budget import BudgetLedger, day_of, month_of
 from .._files import private_dir
-from .._ratelimit import RateLimiter
 from ..config import Config, default_config
+from ..state import AccessState, MemoryState, day_of, month_of
 from ._audit import Audit, make_audit
 from ._keys import FileKeyStore, KeyStore, MemoryKeyStore, hash_secret
 from ._pricing import PriceTable
@@ -38,13 +37,14 @@ class AccessCore:
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         announce: bool = True,
+        state: AccessState | None = None,
     ) -> None:
         cfg = config or default_config()
         self.config = cfg
         self._now = wall_clock
         self._mono = monotonic
-        state = state_dir if state_dir is not None else cfg.auth.state_dir
-        self.state_dir = Path(state) if state else None
+        sdir = state_dir if state_dir is not None else cfg.auth.state_dir
+        self.state_dir = Path(sdir) if sdir else None
         self.keys: KeyStore
         self.audit: Audit
         self._usage_file: UsageFile | None = None
@@ -57,8 +57,8 @@ class AccessCore:
             self.keys = MemoryKeyStore()
         self.audit = make_audit(cfg, self.state_dir)
         self.ledger = UsageLedger()
-        self.budgets = BudgetLedger()
-        self.limiter = RateLimiter()
+        #: Limits, concurrency and budgets: built by the composition root (memory by default).
+        self.state: AccessState = state or MemoryState(monotonic=monotonic, wall_clock=wall_clock)
         if self._usage_file is not None:
             self._usage_file.load(self.ledger)
             self._rebuild_budgets()
@@ -135,7 +135,7 @@ class AccessCore:
         self._flush_handle = None
         now = self._now()
         self.ledger.prune(now=now, retention_days=self.config.usage.retention_days)
-        self.budgets.prune(now=now)
+        self.state.housekeeping(now=now)
         if self._usage_file is not None and self.ledger.dirty:
             self._usage_file.save(self.ledger)
         self.keys.flush()
@@ -154,6 +154,7 @@ class AccessCore:
             self._flush_handle.cancel()
         self.flush()
         self.audit.close()
+        await self.state.aclose()
 
     def _rebuild_budgets(self) -> None:
         now = self._now()
@@ -163,6 +164,6 @@ class AccessCore:
             for kind, id in (("key", row["key"]), ("team", row["team"])):
                 if not id:
                     continue
-                self.budgets.add_spent(kind, id, month, tokens, usd)
+                self.state.restore_spent(kind, id, month, tokens, usd)
                 if row["day"] == today:
-                    self.budgets.add_spent(kind, id, today, tokens, usd)
+                    self.state.restore_spent(kind, id, today, tokens, usd)

@@ -6,15 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from .._budget import BudgetDenied, BudgetGrant, BudgetScope, day_of, month_of
 from .._errors import PermissionDenied, QuotaExceeded, RateLimited
 from .._exchange import Exchange
-from .._ratelimit import RateDenied, RateGrant, Scope
 from .._usage import estimate_prompt_tokens
 from ..config import ModelConfig
+from ..state import Ask, BudgetScope, FailurePolicy, Grant, Refusal, Scope, day_of, month_of
 from ._authenticate import Authentication
 from ._principal import Principal
 from ._roles import Permission, allowed
+
+#: A request no limit or budget applies to: nothing to reserve.
+_NO_ASK = Ask()
 
 
 @dataclass(slots=True)
@@ -24,15 +26,15 @@ class AccessGrant:
     principal: Principal
     #: Headers for the response (``x-ratelimit-*``).
     headers: dict[str, str] = field(default_factory=dict)
-    rate: RateGrant | None = None
-    budget: BudgetGrant | None = None
+    #: The state reservation over every scope; ``None`` when no limit applies.
+    grant: Grant | None = None
     model: ModelConfig | None = None
     #: Tokens reserved: estimated prompt plus the output allowance.
     estimate_tokens: int = 0
     estimate_prompt: int = 0
     stream: bool = False
     day: str = ""
-
+    settled: bool = False
 
 
 class Limits(Authentication):
@@ -49,59 +51,79 @@ class Limits(Authentication):
             raise PermissionDenied(
                 f"this API key may not use the model '{body.get('model')}'", param="model", code="model_not_allowed"
             )
-        cfg = self.config
         ex.team = principal.team or ""
         est_prompt = estimate_prompt_tokens(body)
         est_out = self._output_estimate(body, ex)
         est_tokens = est_prompt + est_out
         est_usd = self.prices.reserve_cost(model, prompt=est_prompt, completion=est_out)
 
-        rate_scopes: list[Scope] = []
-        budget_scopes: list[BudgetScope] = []
-        team_cfg = cfg.teams.get(principal.team) if principal.team else None
-        if principal.is_key:
-            if principal.limits.any():
-                rate_scopes.append(Scope("key", principal.id, principal.limits))
-            if principal.budget.any():
-                budget_scopes.append(BudgetScope("key", principal.id, principal.budget))
-        if team_cfg is not None and principal.team:
-            if team_cfg.limits.any():
-                rate_scopes.append(Scope("team", principal.team, team_cfg.limits))
-            if team_cfg.budget.any():
-                budget_scopes.append(BudgetScope("team", principal.team, team_cfg.budget))
-        if cfg.limits.any():
-            rate_scopes.append(Scope("global", "", cfg.limits))
-
-        now = self._now()
-        # From here to the return there is no await: check and reserve are one step.
-        bgrant: BudgetGrant | None = None
-        if budget_scopes:
-            b = self.budgets.reserve(tuple(budget_scopes), est_tokens, est_usd, now=now)
-            if isinstance(b, BudgetDenied):
-                if rate_scopes:
-                    # Refused before the rate limits were asked: report them as they stand.
-                    ex.ratelimit_headers = self.limiter.headers(tuple(rate_scopes), now=self._mono())
+        ask = self.ask(principal, est_tokens, est_usd)
+        grant: Grant | None = None
+        if ask.any():
+            r = await self.state.reserve(ask)
+            if isinstance(r, Refusal):
+                ex.ratelimit_headers = r.headers or None
+                now = self._now()
                 self._note_refusal(principal, model, now)
-                self._budget_refused(b, principal, ex, now)
-            bgrant = b
-        rgrant: RateGrant | None = None
-        if rate_scopes:
-            r = self.limiter.reserve(tuple(rate_scopes), est_tokens, now=self._mono())
-            if isinstance(r, RateDenied):
-                if bgrant is not None:
-                    self.budgets.release(bgrant)
-                ex.ratelimit_headers = r.headers
-                self._note_refusal(principal, model, now)
+                if r.is_budget:
+                    self._budget_refused(r, principal, ex, now)
                 self._rate_refused(r)
-            rgrant = r
-            ex.ratelimit_headers = r.headers
+            grant = r
+            if r.headers:
+                ex.ratelimit_headers = r.headers
+        now = self._now()
         if principal.is_key:
             self.keys.touch(principal.id, now)
         return AccessGrant(
-            principal, headers=rgrant.headers if rgrant else {}, rate=rgrant, budget=bgrant, model=model,
+            principal, headers=grant.headers if grant else {}, grant=grant, model=model,
             estimate_tokens=est_tokens, estimate_prompt=est_prompt, stream=bool(body.get("stream")),
-            day=day_of(now),
+            day=grant.day if grant else day_of(now),
         )
+
+    def scopes(self, principal: Principal) -> tuple[tuple[Scope, ...], tuple[BudgetScope, ...]]:
+        """The rate and budget scopes that apply to ``principal``: key, team, global."""
+        cfg = self.config
+        rate: list[Scope] = []
+        budget: list[BudgetScope] = []
+        team_cfg = cfg.teams.get(principal.team) if principal.team else None
+        if principal.is_key:
+            if principal.limits.any():
+                rate.append(Scope("key", principal.id, principal.limits))
+            if principal.budget.any():
+                budget.append(BudgetScope("key", principal.id, principal.budget))
+        if team_cfg is not None and principal.team:
+            if team_cfg.limits.any():
+                rate.append(Scope("team", principal.team, team_cfg.limits))
+            if team_cfg.budget.any():
+                budget.append(BudgetScope("team", principal.team, team_cfg.budget))
+        if cfg.limits.any():
+            rate.append(Scope("global", "", cfg.limits))
+        return tuple(rate), tuple(budget)
+
+    def ask(self, principal: Principal, tokens: int, usd: float) -> Ask:
+        rate, budget = self.scopes(principal)
+        if not rate and not budget:
+            return _NO_ASK
+        return Ask(rate, budget, tokens, usd, self._policy(principal, rate, budget))
+
+    def _policy(
+        self, principal: Principal, rate: tuple[Scope, ...], budget: tuple[BudgetScope, ...]
+    ) -> FailurePolicy:
+        """``fail_closed`` if any scope of the request says so, else ``fail_open``.
+
+        A scope's ``limits.on_redis_failure`` overrides ``state.on_redis_failure``; a key's
+        or team's budget follows the ``limits`` of the same key or team.
+        """
+        cfg = self.config
+        default = cfg.state.on_redis_failure
+        lims = [s.limits for s in rate]
+        for b in budget:
+            team_cfg = cfg.teams.get(b.id) if b.kind == "team" else None
+            lims.append(team_cfg.limits if team_cfg is not None else principal.limits)
+        for lim in lims:
+            if (lim.on_redis_failure or default) == "fail_closed":
+                return "fail_closed"
+        return "fail_open"
 
     def _output_estimate(self, body: dict[str, Any], ex: Exchange) -> int:
         if ex.route == "embeddings":
@@ -117,23 +139,34 @@ class Limits(Authentication):
         self.ledger.refuse(day=day_of(now), key=principal.id, team=principal.team or "", model=model.name)
         self._schedule_flush()
 
-    def _rate_refused(self, d: RateDenied) -> NoReturn:
+    def _rate_refused(self, d: Refusal) -> NoReturn:
+        if d.limit == "state_unavailable":
+            if self.metrics is not None:
+                self.metrics.limited.inc("state", d.limit)
+            raise RateLimited(
+                "shared limits cannot be checked: the state store (Redis) is unavailable and this "
+                "request's limits are fail_closed (state.on_redis_failure); retry shortly",
+                param="state.on_redis_failure", retry_after=d.retry_after, code="state_unavailable",
+            )
+        assert d.scope is not None
         if self.metrics is not None:
             self.metrics.limited.inc(d.scope.kind, d.limit)
         param = f"{d.scope.kind}.{d.limit}"
+        value = int(d.value)
         if d.limit == "concurrent":
             raise RateLimited(
-                f"concurrency limit reached: {d.scope.label} allows {d.limit_value} requests in flight",
+                f"concurrency limit reached: {d.scope.label} allows {value} requests in flight",
                 param=param, retry_after=d.retry_after, code="concurrency_limit_exceeded",
             )
         unit = "requests" if d.limit == "requests_per_minute" else "tokens"
         raise RateLimited(
-            f"rate limit reached: {d.scope.label} {d.limit} is {d.limit_value} {unit} per minute; "
+            f"rate limit reached: {d.scope.label} {d.limit} is {value} {unit} per minute; "
             f"retry in {d.retry_after:.2f}s",
             param=param, retry_after=d.retry_after,
         )
 
-    def _budget_refused(self, d: BudgetDenied, principal: Principal, ex: Exchange, now: float) -> NoReturn:
+    def _budget_refused(self, d: Refusal, principal: Principal, ex: Exchange, now: float) -> NoReturn:
+        assert d.scope is not None
         if self.metrics is not None:
             self.metrics.limited.inc(d.scope.kind, d.limit)
         period = day_of(now) if d.limit.startswith("daily") else month_of(now)
@@ -144,11 +177,11 @@ class Limits(Authentication):
             self.audit.record(
                 "budget.exhausted", actor=principal.id, remote=ex.remote, request_id=ex.request_id,
                 target=f"{d.scope.kind}:{d.scope.id}",
-                details={"limit": d.limit, "cap": d.cap, "used": round(d.used, 8), "period": period},
+                details={"limit": d.limit, "cap": d.value, "used": round(d.used, 8), "period": period},
             )
         unit = "USD" if d.limit.endswith("usd") else "tokens"
         raise QuotaExceeded(
-            f"{d.scope.label} {d.limit} budget of {d.cap:g} {unit} is used up for {period} "
+            f"{d.scope.label} {d.limit} budget of {d.value:g} {unit} is used up for {period} "
             f"({d.used:g} used or reserved)",
             param=f"{d.scope.kind}.{d.limit}", retry_after=d.retry_after,
         )

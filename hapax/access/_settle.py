@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from .._exchange import Exchange
 from .._usage import Usage
+from ..state import DONE
 from ._grant import AccessGrant, Limits
 from ._pricing import cost_usd
 
@@ -12,10 +15,17 @@ from ._pricing import cost_usd
 class Settlement(Limits):
     # -- settlement --------------------------------------------------------------------
 
-    def settle(self, admission: AccessGrant, usage: Usage | None, ex: Exchange) -> None:
+    def settle(self, admission: AccessGrant, usage: Usage | None, ex: Exchange) -> Awaitable[None]:
+        """Charge the call and end its reservation; once per admission, however the call ended.
+
+        Everything is done (and the state backend's settle committed) before this returns;
+        the awaitable only reports that the shared state has it, so a caller cancelled
+        while awaiting it loses nothing.
+        """
         model = admission.model
-        if model is None:
-            return
+        if model is None or admission.settled:
+            return DONE
+        admission.settled = True
         prompt = completion = cached = 0
         if usage is not None and usage.reported:
             prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
@@ -34,10 +44,9 @@ class Settlement(Limits):
         else:  # no deployment answered; charge as reserved (nothing, unless output went out)
             cost = self.prices.reserve_cost(model, prompt=prompt, completion=completion)
         ex.cost_usd = cost
-        if admission.rate is not None:
-            self.limiter.settle(admission.rate, tokens, now=self._mono())
-        if admission.budget is not None:
-            self.budgets.settle(admission.budget, tokens, cost)
+        settled = DONE
+        if admission.grant is not None:
+            settled = self.state.settle(admission.grant, tokens=tokens, usd=cost)
         p = admission.principal
         team = p.team or ""
         failed = ex.error is not None or (ex.status >= 400)
@@ -56,3 +65,4 @@ class Settlement(Limits):
             if cost:
                 m.cost.inc(tl, ml, by=cost)
         self._schedule_flush()
+        return settled

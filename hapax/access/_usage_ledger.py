@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
-from .._budget import day_of
 from .._files import atomic_write
+from ..state import day_of
 
 ROW_FIELDS = (
     "day", "key", "team", "model", "deployment", "requests", "refused", "errors",

@@ -36,6 +36,9 @@ class RateLimits(_Model):
     )
     tokens_per_minute: int | None = Field(None, ge=1, description="prompt + completion tokens")
     concurrent: int | None = Field(None, ge=1, description="requests in flight at once")
+    on_redis_failure: Literal["fail_open", "fail_closed"] | None = Field(
+        None, description="this scope's policy when Redis is unreachable; defaults to state.on_redis_failure"
+    )
 
     def any(self) -> bool:
         return any(v is not None for v in (self.requests_per_minute, self.tokens_per_minute, self.concurrent))

@@ -200,6 +200,11 @@ class ServerConfig(_Model):
     listen_backlog: int = Field(DEFAULT_LISTEN_BACKLOG, ge=1, description="pending connections")
 
 
+#: Long enough that renewal (every third of it) survives a busy loop or a Redis blip;
+#: short enough that a crashed worker's slots are back within half a minute.
+DEFAULT_LEASE_SECONDS = 30.0
+
+
 class RedisConfig(_Model):
     #: ``redis://``, ``rediss://`` (TLS) or ``unix://``; ``None`` keeps state in the process.
     url: str | None = None
@@ -227,6 +232,13 @@ class StateConfig(_Model):
     #: and health; another cluster name on the same Redis touches none of their keys.
     cluster: str = Field("hapax", pattern=r"^[A-Za-z0-9_.-]+$")
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    #: With Redis unreachable: ``fail_open`` checks limits locally (each shared limit divided
+    #: by the live worker count), ``fail_closed`` refuses with 429 ``state_unavailable``.
+    #: A scope's ``limits.on_redis_failure`` overrides it.
+    on_redis_failure: Literal["fail_open", "fail_closed"] = "fail_open"
+    #: Concurrency slots and budget reservations are leases renewed while a call runs; a
+    #: process that dies holding them gives them back within this many seconds.
+    lease_seconds: float = Field(DEFAULT_LEASE_SECONDS, gt=0, description="seconds")
 
 
 class LoggingConfig(_Model):

@@ -18,8 +18,8 @@ A request needing more tokens than a bucket can ever hold passes when the
 bucket is full (and drives it negative), rather than being refused forever.
 
 Pure: no clock reads, no I/O. Time comes in as ``now`` (seconds, monotonic).
-This memory backend is the single-node state; a shared backend implements
-the same ``reserve``/``settle`` contract.
+This is the rate half of the memory backend (``hapax.state.MemoryState``);
+the Redis backend runs the same rules in Lua (``hapax.state._scripts``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .config import RateLimits
+from ..config import RateLimits
 
 
 @dataclass(slots=True)
@@ -134,6 +134,14 @@ class RateLimiter:
 
     def reserve(self, scopes: tuple[Scope, ...], tokens: int, *, now: float) -> RateGrant | RateDenied:
         # Check everything first, then take everything: no partial reservations to undo.
+        denied = self.check(scopes, tokens, now=now)
+        if denied is not None:
+            return denied
+        self.take(scopes, tokens, now=now)
+        return RateGrant(scopes, tokens, self.headers(scopes, now=now))
+
+    def check(self, scopes: tuple[Scope, ...], tokens: int, *, now: float) -> RateDenied | None:
+        """The first limit of ``scopes`` a call of ``tokens`` would pass; ``None`` if none. Takes nothing."""
         for s in scopes:
             lim = s.limits
             if lim.concurrent is not None and self.in_flight(s) >= lim.concurrent:
@@ -152,16 +160,33 @@ class RateLimiter:
                     return RateDenied(
                         s, "tokens_per_minute", lim.tokens_per_minute, w, self.headers(scopes, now=now)
                     )
+        return None
+
+    def take(self, scopes: tuple[Scope, ...], tokens: int, *, now: float) -> None:
+        """Take one request, ``tokens`` and a slot from every scope; only after ``check`` passed."""
         for s in scopes:
             lim = s.limits
             if lim.concurrent is not None:
                 k = (s.kind, s.id)
                 self._in_flight[k] = self._in_flight.get(k, 0) + 1
             if lim.requests_per_minute is not None:
-                self._buckets[(s.kind, s.id, "req")].take(1, now=now)
+                self._bucket(s, "req", lim.requests_per_minute, lim.request_burst, now).take(1, now=now)
             if lim.tokens_per_minute is not None:
-                self._buckets[(s.kind, s.id, "tok")].take(tokens, now=now)
-        return RateGrant(scopes, tokens, self.headers(scopes, now=now))
+                self._bucket(s, "tok", lim.tokens_per_minute, None, now).take(tokens, now=now)
+
+    def standing(
+        self, scope: Scope, *, now: float
+    ) -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+        """(level, seconds to full) of the scope's request and token buckets; ``None`` if unlimited."""
+        lim = scope.limits
+        req = tok = None
+        if lim.requests_per_minute is not None:
+            b = self._bucket(scope, "req", lim.requests_per_minute, lim.request_burst, now)
+            req = (b.available(now=now), b.reset_in(now=now))
+        if lim.tokens_per_minute is not None:
+            b = self._bucket(scope, "tok", lim.tokens_per_minute, None, now)
+            tok = (b.available(now=now), b.reset_in(now=now))
+        return req, tok
 
     def headers(self, scopes: tuple[Scope, ...], *, now: float) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-*`` headers for ``scopes`` as they stand, taking nothing.
@@ -170,30 +195,17 @@ class RateLimiter:
         The same headers go on a success, a 429 and a quota refusal, so a client
         can pace itself from any answer.
         """
-        req_best: tuple[float, int, float] | None = None
-        tok_best: tuple[float, int, float] | None = None
+        reqs: list[tuple[float, int, float]] = []
+        toks: list[tuple[float, int, float]] = []
         for s in scopes:
             lim = s.limits
             if lim.requests_per_minute is not None:
                 b = self._bucket(s, "req", lim.requests_per_minute, lim.request_burst, now)
-                cand = (b.available(now=now), lim.requests_per_minute, b.reset_in(now=now))
-                if req_best is None or cand[0] < req_best[0]:
-                    req_best = cand
+                reqs.append((b.available(now=now), lim.requests_per_minute, b.reset_in(now=now)))
             if lim.tokens_per_minute is not None:
                 b = self._bucket(s, "tok", lim.tokens_per_minute, None, now)
-                cand = (b.available(now=now), lim.tokens_per_minute, b.reset_in(now=now))
-                if tok_best is None or cand[0] < tok_best[0]:
-                    tok_best = cand
-        headers: dict[str, str] = {}
-        if req_best is not None:
-            headers["x-ratelimit-limit-requests"] = str(req_best[1])
-            headers["x-ratelimit-remaining-requests"] = str(max(0, math.floor(req_best[0])))
-            headers["x-ratelimit-reset-requests"] = format_duration(req_best[2])
-        if tok_best is not None:
-            headers["x-ratelimit-limit-tokens"] = str(tok_best[1])
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(tok_best[0])))
-            headers["x-ratelimit-reset-tokens"] = format_duration(tok_best[2])
-        return headers
+                toks.append((b.available(now=now), lim.tokens_per_minute, b.reset_in(now=now)))
+        return tightest_headers(reqs, toks)
 
     def settle(self, grant: RateGrant, actual_tokens: int, *, now: float) -> None:
         if grant.settled:
@@ -212,6 +224,37 @@ class RateLimiter:
                 b = self._buckets.get((s.kind, s.id, "tok"))
                 if b is not None:
                     b.give(grant.tokens - actual_tokens, now=now)
+
+
+def tightest_headers(
+    reqs: list[tuple[float, int, float]], toks: list[tuple[float, int, float]]
+) -> dict[str, str]:
+    """``x-ratelimit-*`` from (level, per-minute limit, seconds to full) of each bucket.
+
+    Reports the bucket with the least left, like OpenAI: the one a client hits first.
+    Every backend renders its buckets through this, so the headers match to the byte.
+    """
+    headers: dict[str, str] = {}
+    if reqs:
+        lvl, lim, reset = _least(reqs)
+        headers["x-ratelimit-limit-requests"] = str(lim)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, math.floor(lvl)))
+        headers["x-ratelimit-reset-requests"] = format_duration(reset)
+    if toks:
+        lvl, lim, reset = _least(toks)
+        headers["x-ratelimit-limit-tokens"] = str(lim)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, math.floor(lvl)))
+        headers["x-ratelimit-reset-tokens"] = format_duration(reset)
+    return headers
+
+
+def _least(entries: list[tuple[float, int, float]]) -> tuple[float, int, float]:
+    """The first entry with the lowest level (on the request path: no ``min(key=...)``)."""
+    best = entries[0]
+    for e in entries:
+        if e[0] < best[0]:
+            best = e
+    return best
 
 
 def format_duration(seconds: float) -> str:

@@ -26,7 +26,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 
-from .config import Budget
+from ..config import Budget
 
 #: (cap name, period kind, measure): measure 0 is tokens, 1 is USD.
 _CAPS = (
@@ -122,6 +122,13 @@ class BudgetLedger:
     def reserve(
         self, scopes: tuple[BudgetScope, ...], tokens: int, usd: float, *, now: float
     ) -> BudgetGrant | BudgetDenied:
+        denied = self.check(scopes, tokens, usd, now=now)
+        if denied is not None:
+            return denied
+        return self.take(scopes, tokens, usd, now=now)
+
+    def check(self, scopes: tuple[BudgetScope, ...], tokens: int, usd: float, *, now: float) -> BudgetDenied | None:
+        """The first cap a call estimated at ``tokens`` and ``usd`` would pass; ``None`` if none."""
         day, month = day_of(now), month_of(now)
         est = (float(tokens), usd)
         for s in scopes:
@@ -133,11 +140,16 @@ class BudgetLedger:
                 used = self.used(s.kind, s.id, day if period == "day" else month)[measure]
                 if used >= cap or used + est[measure] > cap:
                     return BudgetDenied(s, name, cap, used, seconds_to_period_end(period, now))
+        return None
+
+    def take(self, scopes: tuple[BudgetScope, ...], tokens: int, usd: float, *, now: float) -> BudgetGrant:
+        """Reserve the estimate in every scope's day and month; only after ``check`` passed."""
+        day, month = day_of(now), month_of(now)
         for s in scopes:
             for period in (day, month):
                 t = self._tally(s.kind, s.id, period)
-                t.reserved[0] += est[0]
-                t.reserved[1] += est[1]
+                t.reserved[0] += tokens
+                t.reserved[1] += usd
         return BudgetGrant(scopes, day, month, tokens, usd)
 
     def _unreserve(self, grant: BudgetGrant) -> None:
