@@ -14,8 +14,9 @@ A ``Grant`` ends exactly once: ``settle`` with what the call really used (token
 buckets corrected by ``actual - estimate``, the budget reservation moved to
 spent, slots given back) or ``release`` when the call never ran. A second
 settle or release of the same grant does nothing. Both are *committed when
-called*, not when awaited: the returned awaitable only reports completion, so a
-caller cancelled while awaiting it (a client hanging up) loses nothing.
+called*, not when awaited (a shared backend queues them for its next round
+trip and returns), so a caller cancelled while awaiting (a client hanging up)
+loses nothing, and a response never waits on Redis for its settlement.
 
 Shared backends hold slots and budget reservations as leases that expire unless
 renewed, so a process that dies holding them gives them back by itself.

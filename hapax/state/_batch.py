@@ -128,6 +128,14 @@ class Batcher:
                 await self._client.script_load(src)
 
     async def aclose(self) -> None:
+        """Send what is queued (settlements of the last calls), then stop; bounded by the timeout."""
+        self._flush()
+        try:
+            async with asyncio.timeout(self._timeout * 4):
+                while self._tasks:
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+        except TimeoutError:
+            pass
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

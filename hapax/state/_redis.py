@@ -11,6 +11,12 @@ within one lease. Operations of concurrent requests go out together
 Budget periods are named by this node's UTC wall clock (the day and month of
 the keys); buckets and leases use Redis's own clock.
 
+Settle and release are queued for the current batch and return at once: they
+only correct a reservation already made, so a response does not wait a round
+trip for them, and each pipeline sends settles before reservations, so a call's
+settle reaches Redis before any reservation queued after it. ``aclose`` sends
+what is queued before it closes.
+
 Errors: a call that fails or outlasts ``timeout`` raises ``StateUnavailable``
 from ``reserve``; a failed settle or release is logged and dropped, since the
 leases it would have ended expire by themselves.
@@ -44,7 +50,9 @@ log = logging.getLogger("hapax.state")
 DEFAULT_LEASE_SECONDS = 30.0
 #: A budget tally outlives its UTC day or month by this much, for nodes whose clocks lag.
 _PERIOD_GRACE_MS = 3_600_000
-_RESERVE, _SETTLE = 0, 1
+# Settles go first in each pipeline: a call's settle always reaches Redis before any
+# reservation queued after it (a client's next request never meets its own last slot).
+_SETTLE, _RESERVE = 0, 1
 _SETTLE_OP, _RELEASE_OP, _RENEW_OP = 1, 2, 3
 _NO_CAP = -1
 
@@ -68,7 +76,7 @@ class RedisState(AccessState):
         self.lease_seconds = lease_seconds
         self._lease_ms = max(1, int(lease_seconds * 1000))
         self._wall = wall_clock
-        self.batch = Batcher(client, (RESERVE, SETTLE), timeout=timeout)
+        self.batch = Batcher(client, (SETTLE, RESERVE), timeout=timeout)
         # Grant ids: unique per process and across processes without a random draw per call.
         self._ids = itertools.count(1)
         self._id_base = os.urandom(6).hex()
@@ -150,17 +158,21 @@ class RedisState(AccessState):
         return end
 
     def _headers(self, rate: tuple[Scope, ...], levels: list[list[float]]) -> dict[str, str]:
-        reqs: list[tuple[float, int, float]] = []
-        toks: list[tuple[float, int, float]] = []
-        for s, (rq, tk, _) in zip(rate, levels, strict=True):
+        # On every request: one pass for the tightest bucket of each kind, no lists built.
+        rq: tuple[float, int, float] | None = None
+        tk: tuple[float, int, float] | None = None
+        for s, lv in zip(rate, levels, strict=True):
             lim = s.limits
-            if lim.requests_per_minute is not None:
-                cap = lim.request_burst or lim.requests_per_minute
-                reqs.append((rq, lim.requests_per_minute, max(0.0, (cap - rq) * 60.0 / lim.requests_per_minute)))
-            if lim.tokens_per_minute is not None:
-                tpm = lim.tokens_per_minute
-                toks.append((tk, tpm, max(0.0, (tpm - tk) * 60.0 / tpm)))
-        return tightest_headers(reqs, toks)
+            rpm = lim.requests_per_minute
+            if rpm is not None and (rq is None or lv[0] < rq[0]):
+                rq = (lv[0], rpm, lim.request_burst or rpm)
+            tpm = lim.tokens_per_minute
+            if tpm is not None and (tk is None or lv[1] < tk[0]):
+                tk = (lv[1], tpm, tpm)
+        return tightest_headers(
+            [(rq[0], rq[1], max(0.0, (rq[2] - rq[0]) * 60.0 / rq[1]))] if rq else [],
+            [(tk[0], tk[1], max(0.0, (tk[2] - tk[0]) * 60.0 / tk[1]))] if tk else [],
+        )
 
     # -- the seam --------------------------------------------------------------------------
 
@@ -222,11 +234,14 @@ class RedisState(AccessState):
         ask = grant.ask
         if not budget_settle and not any(e[2] for e in rate_settle) and (tokens == ask.tokens or not rate_settle):
             return DONE  # nothing held and nothing to correct: requests-per-minute only
-        return self.batch.submit(
+        # Queued for this loop iteration's batch and not waited for: a settle only corrects a
+        # reservation already made, so the response need not wait a round trip for it.
+        self.batch.submit(
             _SETTLE, [kind, grant.id, ask.tokens, ask.usd, tokens, usd, rate_settle, budget_settle, self._lease_ms,
                       int(self._wall() * 1000)],
             on_error=self._settle_failed,
         )
+        return DONE
 
     def _settle_failed(self, exc: BaseException) -> None:
         # The leases it would have ended expire by themselves; a token correction is lost.
