@@ -269,6 +269,10 @@ class GatewayMetrics:
         self.config_info = r.add(Gauge(
             "hapax_config_generation", "Generation of the config in force; bumps on every reload.",
         ))
+        self.config_revision = r.add(Gauge(
+            "hapax_config_revision",
+            "Revision of the config snapshot in force, as its source numbers it; bumps once per applied change.",
+        ))
         # Access control (hapax.access): team labels come from config and keys, never from requests.
         self.auth_failures = r.add(Counter(
             "hapax_auth_failures_total", "Rejected credentials, by reason.", ("reason",),
@@ -353,6 +357,10 @@ class GatewayMetrics:
             "hapax_log_lines_dropped_total",
             "Log lines dropped because stderr did not keep up (the node's writer).",
         ))
+        self.audit_dropped = r.add(Counter(
+            "hapax_audit_events_dropped_total",
+            "Audit events dropped because the audit directory did not keep up (its queue was full).",
+        ))
         self.build_info = r.add(Gauge(
             "hapax_build_info", "Always 1; the labels say which Hapax and Python run.", ("version", "python"),
         ))
@@ -361,6 +369,8 @@ class GatewayMetrics:
         self.in_flight.set(to=0)
         self.config_info.set(to=0)
         self.log_lines_dropped.zero()
+        self.audit_dropped.zero()
+        self.config_revision.set(to=0)
         for result in ("success", "failure"):
             self.config_reloads.zero(result)
         for reason in AUTH_REASONS:

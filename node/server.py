@@ -210,7 +210,10 @@ class Node:
         self.config = config
         self.config_path = config_path
         state = build_state(config)
-        access = AccessControl(config, state_dir=state_dir(config, config_path), state=state)
+        # Key, usage and audit writes go to background threads: the loop never waits on a disk.
+        access = AccessControl(
+            config, state_dir=state_dir(config, config_path), state=state, write_behind=True
+        )
         self.gateway = Gateway(
             config, transport_factory=transport_factory, access=access, access_sink=logs.ACCESS
         )

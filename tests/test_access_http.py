@@ -104,6 +104,16 @@ def audit_events(gw: GatewayProcess) -> list[dict[str, Any]]:
     return [orjson.loads(line) for f in sorted(d.glob("audit*.jsonl")) for line in f.read_bytes().splitlines()]
 
 
+def audit_until(gw: GatewayProcess, pred: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+    """The audit events once ``pred`` holds for them: a node writes them from a background thread."""
+    deadline = time.monotonic() + 10
+    while True:
+        events = audit_events(gw)
+        if pred(events) or time.monotonic() > deadline:
+            return events
+        time.sleep(0.05)
+
+
 def hapax_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
@@ -241,8 +251,10 @@ def test_role_matrix_through_http(gateway: Callable[..., GatewayProcess]) -> Non
     health = admin(gw, "GET", "/v1/health/providers", key=keys["viewer"]).json()
     assert {d["deployment"] for d in health["deployments"]} == {"mock/demo", "mock/other", "slow/slow"}
     assert admin(gw, "GET", "/v1/health/providers").status_code == 200  # the bootstrap admin key
-    denied = [e for e in audit_events(gw) if e["event"] == "admin.denied" and
-              e["details"]["path"] == "/v1/health/providers"]
+    def denied_health(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in events if e["event"] == "admin.denied" and e["details"]["path"] == "/v1/health/providers"]
+
+    denied = denied_health(audit_until(gw, lambda evs: bool(denied_health(evs))))
     assert {e["details"]["needs"] for e in denied} == {"view_cluster"} and len(denied) == 1  # the developer
     # The redacted config never shows the admin key.
     assert ADMIN_KEY not in admin(gw, "GET", "/admin/config").text
@@ -260,7 +272,8 @@ def test_model_allowlist_and_role_changes(gateway: Callable[..., GatewayProcess]
     # Demote to viewer: model calls stop at once.
     assert admin(gw, "PATCH", f"/admin/keys/{key_id}", json={"role": "viewer"}).status_code == 200
     assert chat(gw, secret).status_code == 403
-    ev = [e for e in audit_events(gw) if e["event"] == "key.role_changed"]
+    ev = [e for e in audit_until(gw, lambda evs: any(e["event"] == "key.role_changed" for e in evs))
+          if e["event"] == "key.role_changed"]
     assert ev and ev[-1]["details"] == {"from": "developer", "to": "viewer"} and ev[-1]["target"] == key_id
 
 

@@ -49,9 +49,8 @@ class Authentication(AccessCore):
         if self.metrics is not None:
             self.metrics.auth_failures.inc(reason)
         # Never the credential itself, nor a hash of it: a low-entropy guess could be reversed.
-        self.audit.record(
-            "auth.failed", actor=key_id or "unknown", remote=ex.remote, request_id=ex.request_id,
-            details={"reason": reason, "path": ex.path},
+        self.audit.auth_failed(
+            reason=reason, actor=key_id or "unknown", remote=ex.remote, request_id=ex.request_id, path=ex.path,
         )
 
     # -- authorization -----------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .._files import private_dir
 from ..config import Config, default_config
 from ..state import AccessState, MemoryState, day_of, month_of
-from ._audit import Audit, make_audit
+from ._audit import Audit, QueuedAudit, make_audit
 from ._keys import FileKeyStore, KeyStore, MemoryKeyStore, hash_secret
 from ._pricing import PriceTable
 from ._usage_ledger import UsageFile, UsageLedger
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from .._metrics import GatewayMetrics
 
 log = logging.getLogger("hapax.access")
+
+#: Seconds a shutdown waits for keys, usage and audit to reach the disk: long enough for any
+#: healthy disk, short enough that a stuck one cannot hold the exit past a pod's grace period.
+WRITE_FLUSH_TIMEOUT = 5.0
 
 
 class AccessCore:
@@ -38,6 +42,7 @@ class AccessCore:
         monotonic: Callable[[], float] = time.monotonic,
         announce: bool = True,
         state: AccessState | None = None,
+        write_behind: bool = False,
     ) -> None:
         cfg = config or default_config()
         self.config = cfg
@@ -45,17 +50,19 @@ class AccessCore:
         self._mono = monotonic
         sdir = state_dir if state_dir is not None else cfg.auth.state_dir
         self.state_dir = Path(sdir) if sdir else None
+        #: Key, usage and audit writes on background threads (a node); inline for the CLI.
+        self.write_behind = write_behind
         self.keys: KeyStore
         self.audit: Audit
         self._usage_file: UsageFile | None = None
         #: Permission bits of the state directory as found (``None``: no state directory).
         self.state_dir_mode = private_dir(self.state_dir) if self.state_dir is not None else None
         if self.state_dir is not None:
-            self.keys = FileKeyStore(self.state_dir / "keys")
-            self._usage_file = UsageFile(self.state_dir / "usage.json")
+            self.keys = FileKeyStore(self.state_dir / "keys", write_behind=write_behind)
+            self._usage_file = UsageFile(self.state_dir / "usage.json", write_behind=write_behind)
         else:
             self.keys = MemoryKeyStore()
-        self.audit = make_audit(cfg, self.state_dir)
+        self.audit = make_audit(cfg, self.state_dir, write_behind=write_behind)
         self.ledger = UsageLedger()
         #: Limits, concurrency and budgets: built by the composition root (memory by default).
         self.state: AccessState = state or MemoryState(monotonic=monotonic, wall_clock=wall_clock)
@@ -108,6 +115,8 @@ class AccessCore:
     def attach(self, metrics: GatewayMetrics) -> None:
         """Count into the gateway's metrics registry."""
         self.metrics = metrics
+        if isinstance(self.audit, QueuedAudit):
+            self.audit.on_drop = metrics.audit_dropped.inc
         self._bind_teams()
 
     def _bind_teams(self) -> None:
@@ -149,12 +158,27 @@ class AccessCore:
             return
         self._flush_handle = loop.call_later(self.config.usage.flush_interval, self.flush)
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, timeout: float = WRITE_FLUSH_TIMEOUT) -> None:
+        """Write everything out: usage, last-used times, the audit queue; a stuck disk gets
+        ``timeout`` seconds in all, then what is left is named in the log, not waited for."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self.flush()
+        if self.write_behind:
+            await asyncio.to_thread(self._wait_written, timeout)
         self.audit.close()
         await self.state.aclose()
+
+    def _wait_written(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        stores: list[tuple[str, Callable[[float], bool]]] = [("audit", self.audit.wait_written)]
+        if isinstance(self.keys, FileKeyStore):
+            stores.append(("keys", self.keys.wait_written))
+        if self._usage_file is not None:
+            stores.append(("usage", self._usage_file.wait_written))
+        for name, wait in stores:
+            if not wait(max(0.0, deadline - time.monotonic())):
+                log.error("%s: not everything was written before shutdown (the disk did not answer)", name)
 
     def _rebuild_budgets(self) -> None:
         now = self._now()

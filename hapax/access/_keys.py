@@ -14,7 +14,8 @@ A ``KeyStore`` holds ``KeyRecord`` objects by id. Two backends:
   rename, fsync of the directory) under an advisory lock, so the CLI and a
   running node can both change it. The node re-reads the file when its
   modification stamp changes, so a key revoked by the CLI stops working on
-  the next request.
+  the next request. In a node the writes happen on a background thread
+  (``hapax._write_behind``): a change is in force at once, on disk soon after.
 
 ``last_used_at`` changes on every call; it is kept in memory and written with
 the next change or ``flush`` (a lost last-used time is harmless, an fsync per
@@ -24,11 +25,11 @@ request is not).
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+import threading
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +39,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._files import atomic_write, locked
+from .._write_behind import WriteBehind
 from ..config import Budget, RateLimits
 
 KEY_PREFIX = "hpx_"
@@ -192,11 +194,20 @@ class MemoryKeyStore(KeyStore):
 
 
 class FileKeyStore(MemoryKeyStore):
-    """Keys in ``<dir>/keys.json``; every change is a locked read-modify-atomic-write."""
+    """Keys in ``<dir>/keys.json``; every write is a locked read-merge-atomic-write.
+
+    A change is in memory at once (``put`` is visible to ``by_hash`` before any disk is
+    touched) and noted as pending; ``_write`` merges the pending records and last-used
+    times into what the file holds now (the CLI may have changed it) and replaces it.
+    With ``write_behind`` that runs on a ``WriteBehind`` thread, so the loop never waits
+    on the lock or the fsync; without (the CLI, tests) it runs inline, before ``put``
+    returns. The writer hands back what it wrote with the file's stamp, so the node's
+    next lookup takes the records as they are instead of parsing its own file again.
+    """
 
     FILE = "keys.json"
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, write_behind: bool = False) -> None:
         super().__init__()
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -205,6 +216,16 @@ class FileKeyStore(MemoryKeyStore):
         self._lock_path = self.dir / ".keys.lock"
         self._stamp: tuple[int, int, int] | None = None
         self._dirty_use = False
+        #: Guards the hand-over between the loop and the writer: ``_pending``, ``_inflight``
+        #: and ``_written`` (never held across I/O).
+        self._mutex = threading.Lock()
+        #: Records changed here and not yet on their way to disk.
+        self._pending: dict[str, KeyRecord] = {}
+        #: Records the writer is writing now; a reload from disk keeps them until it is done.
+        self._inflight: dict[str, KeyRecord] = {}
+        #: The stamp of the file the writer last wrote, and the records it holds.
+        self._written: tuple[tuple[int, int, int] | None, list[KeyRecord]] | None = None
+        self._writer = WriteBehind("keys", self._write) if write_behind else None
         self._refresh()
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
@@ -214,24 +235,67 @@ class FileKeyStore(MemoryKeyStore):
             return None
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
+    def _read(self) -> list[KeyRecord]:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        return [KeyRecord.model_validate(r) for r in orjson.loads(raw).get("keys", [])]
+
     def _refresh(self) -> None:
         stamp = self._file_stamp()
         if stamp == self._stamp:
             return
-        records: list[KeyRecord] = []
-        if stamp is not None:
-            data = orjson.loads(self.path.read_bytes())
-            records = [KeyRecord.model_validate(r) for r in data.get("keys", [])]
+        written = self._written
+        records = written[1] if written is not None and written[0] == stamp else self._read()
+        with self._mutex:
+            overlay = [*self._inflight.values(), *self._pending.values()]
         self._load(records)
+        for rec in overlay:  # changes made here that the file does not hold yet
+            MemoryKeyStore.put(self, rec)
         self._stamp = stamp
 
-    def _locked(self) -> contextlib.AbstractContextManager[None]:
-        return locked(self._lock_path)
+    def _persist(self) -> None:
+        if self._writer is not None:
+            self._writer.submit()
+        else:
+            self._write()
 
     def _write(self) -> None:
-        data = {"version": 1, "keys": [r.model_dump(mode="json") for r in self.all()]}
-        atomic_write(self.path, orjson.dumps(data, option=orjson.OPT_INDENT_2))
-        self._stamp = self._file_stamp()
+        """Merge what changed here into the file as it is now; the writer thread's job."""
+        with self._mutex:
+            batch, self._pending = self._pending, {}
+            self._inflight.update(batch)
+            inflight = dict(self._inflight)
+        # A copy of a str-keyed dict is one step under the GIL: safe against the loop's touch().
+        used = self._used.copy()
+        try:
+            with locked(self._lock_path):
+                by_id = {r.id: r for r in self._read()}
+                by_id.update(inflight)
+                for key_id, t in used.items():
+                    rec = by_id.get(key_id)
+                    if rec is not None and (rec.last_used_at is None or rec.last_used_at < t):
+                        by_id[key_id] = rec.model_copy(update={"last_used_at": t})
+                records = sorted(by_id.values(), key=lambda r: (r.created_at, r.id))
+                data = {"version": 1, "keys": [r.model_dump(mode="json") for r in records]}
+                atomic_write(self.path, orjson.dumps(data, option=orjson.OPT_INDENT_2))
+                stamp = self._file_stamp()
+        except BaseException:
+            with self._mutex:  # back to pending, so the retry writes them; a newer put wins
+                self._pending = {**self._inflight, **self._pending}
+                self._inflight = {}
+            raise
+        with self._mutex:
+            self._written = (stamp, records)
+            for key_id, rec in inflight.items():
+                if self._inflight.get(key_id) is rec:
+                    del self._inflight[key_id]
+        return None
+
+    def wait_written(self, timeout: float) -> bool:
+        """Block until every change is on disk (``False`` at the timeout); not on the loop."""
+        return self._writer.flush(timeout) if self._writer is not None else True
 
     def by_hash(self, digest: str) -> KeyRecord | None:
         # A stat per lookup (~1 µs) is what makes a CLI revocation take effect at once.
@@ -242,11 +306,16 @@ class FileKeyStore(MemoryKeyStore):
         self._refresh()
         return super().get(key_id)
 
+    def all(self) -> list[KeyRecord]:
+        self._refresh()
+        return super().all()
+
     def put(self, record: KeyRecord) -> None:
-        with self._locked():
-            self._refresh()
-            super().put(record)
-            self._write()
+        self._refresh()
+        super().put(record)
+        with self._mutex:
+            self._pending[record.id] = record
+        self._persist()
 
     def touch(self, key_id: str, now: float) -> None:
         super().touch(key_id, now)
@@ -255,7 +324,5 @@ class FileKeyStore(MemoryKeyStore):
     def flush(self) -> None:
         if not self._dirty_use:
             return
-        with self._locked():
-            self._refresh()
-            self._dirty_use = False
-            self._write()
+        self._dirty_use = False
+        self._persist()

@@ -7,7 +7,8 @@ be served at different prices, and the row says which. It comes from the
 config, so rows stay bounded by days, keys and deployments. Rows are what
 ``/admin/usage`` answers from and what budgets are rebuilt from after a restart. ``UsageFile``
 snapshots the whole ledger atomically; the access layer writes it every few
-seconds and on shutdown, so a crash loses at most that interval. Rows older
+seconds (in a node from a background thread) and on shutdown, so a crash
+loses at most that interval. Rows older
 than the retention are dropped on each snapshot.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import orjson
 
 from .._files import atomic_write
+from .._write_behind import WriteBehind
 from ..state import day_of
 
 ROW_FIELDS = (
@@ -153,9 +156,16 @@ def to_csv(rows: list[dict[str, Any]], fields: tuple[str, ...] = ROW_FIELDS) -> 
 
 
 class UsageFile:
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    """The ledger's file. With ``write_behind`` the loop only encodes the snapshot (CPU, no
+    I/O) and a ``WriteBehind`` thread writes the newest one: snapshots queued behind a slow
+    disk are replaced, not stacked."""
+
+    def __init__(self, path: str | os.PathLike[str], *, write_behind: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._mutex = threading.Lock()
+        self._latest: bytes | None = None
+        self._writer = WriteBehind("usage", self._write) if write_behind else None
 
     def load(self, ledger: UsageLedger) -> None:
         try:
@@ -165,5 +175,28 @@ class UsageFile:
         ledger.load(data)
 
     def save(self, ledger: UsageLedger) -> None:
-        atomic_write(self.path, ledger.dump())
+        data = ledger.dump()
         ledger.dirty = False
+        with self._mutex:
+            self._latest = data
+        if self._writer is not None:
+            self._writer.submit()
+        else:
+            self._write()
+
+    def _write(self) -> None:
+        with self._mutex:
+            data, self._latest = self._latest, None
+        if data is None:
+            return
+        try:
+            atomic_write(self.path, data)
+        except BaseException:
+            with self._mutex:
+                if self._latest is None:  # nothing newer came meanwhile: retry this one
+                    self._latest = data
+            raise
+
+    def wait_written(self, timeout: float) -> bool:
+        """Block until the newest snapshot is on disk (``False`` at the timeout); not on the loop."""
+        return self._writer.flush(timeout) if self._writer is not None else True

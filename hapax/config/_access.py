@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 #: Reserved for the output of a call that gives no ``max_tokens``: a typical
 #: chat answer. Callers who want exact budgets set ``max_tokens``.
 DEFAULT_OUTPUT_TOKENS_ESTIMATE = 256
+#: Events a node holds for a slow audit directory (~4 MB); a stuck disk costs that much memory, no more.
+DEFAULT_AUDIT_QUEUE_SIZE = 10_000
 #: 10 MiB per audit file keeps each one quick to verify and to ship.
 DEFAULT_AUDIT_MAX_BYTES = 10 * 1024 * 1024
 #: A quarter and a bit: long enough for a quarterly access review.
@@ -108,6 +110,10 @@ class AuditConfig(_Model):
     max_bytes: int = Field(DEFAULT_AUDIT_MAX_BYTES, ge=4096, description="rotate the file past this size")
     retention_days: int = Field(DEFAULT_AUDIT_RETENTION_DAYS, ge=1, description="delete rotated files older")
     fsync: bool = Field(False, description="fsync after every event (slower, survives power loss)")
+    queue_size: int = Field(
+        DEFAULT_AUDIT_QUEUE_SIZE, ge=1,
+        description="events waiting for the audit directory before new ones are dropped (and counted)",
+    )
 
 
 class UsageConfig(_Model):
