@@ -5,7 +5,8 @@ Theory of operation: a front door builds a ``Request`` and awaits
 stream. ``handle`` never raises: every failure becomes an OpenAI-shaped (or,
 on ``/v1/messages``, Anthropic-shaped) JSON error here and nowhere else.
 
-For a model call the stages are: take the runtime in force → parse and check
+For a model call the stages are: take the runtime in force (one config
+snapshot, kept until the call settles, named by ``x-hapax-config-revision``) → parse and check
 the body → resolve the public model to its deployments → pick the provider →
 translate the operation if the provider does not take it → call → translate
 the reply back → count tokens, time and status; log one access line.
@@ -41,7 +42,7 @@ from ._routes import BuiltinRoutes, _route_name
 from ._sse import SSEEvent, encode
 from .access import AccessControl, AccessGrant, Principal
 from .api import StreamTranslator, error_response, read_json_body, rename, stream_error, validate
-from .config import Config
+from .config import Config, ConfigSnapshot
 from .providers import JsonReply, Operation, StreamReply
 from .routing import Dispatcher, Runtime, TransportFactory
 
@@ -90,7 +91,7 @@ def new_request_id() -> str:
 class Gateway(BuiltinRoutes):
     def __init__(
         self,
-        config: Config,
+        config: Config | ConfigSnapshot,
         *,
         transport_factory: TransportFactory,
         metrics: GatewayMetrics | None = None,
@@ -98,13 +99,15 @@ class Gateway(BuiltinRoutes):
         dispatcher: Dispatcher | None = None,
         access_sink: AccessSink | None = None,
     ) -> None:
+        snapshot = config if isinstance(config, ConfigSnapshot) else ConfigSnapshot(config, 1, "embedded")
+        config = snapshot.config
         self.access_sink: AccessSink = access_sink or LoggingAccessSink()
         self.metrics = metrics or GatewayMetrics()
         self.access = access or AccessControl(config)
         self.access.attach(self.metrics)
         self.dispatcher = dispatcher or Dispatcher(metrics=self.metrics)
         self._transport_factory = transport_factory
-        self.runtime = Runtime(config, generation=1, transport_factory=transport_factory)
+        self.runtime = Runtime(snapshot, generation=1, transport_factory=transport_factory)
         self._bind_metrics(config)
         # Deployments known now, not at the first call: their series exist from start-up.
         self.dispatcher.sync(self.runtime)
@@ -114,11 +117,17 @@ class Gateway(BuiltinRoutes):
 
     # -- config ------------------------------------------------------------------------
 
-    def apply(self, config: Config) -> Runtime:
-        """Swap in a validated config; requests in flight keep the one they started on."""
+    def apply(self, update: Config | ConfigSnapshot) -> Runtime:
+        """Swap in a validated config; requests in flight keep the one they started on.
+
+        A bare ``Config`` (tests, code) becomes the next revision of the current source.
+        """
         old = self.runtime
+        snapshot = update if isinstance(update, ConfigSnapshot) else ConfigSnapshot(
+            update, old.revision + 1, old.snapshot.source)
+        config = snapshot.config
         new = Runtime(
-            config,
+            snapshot,
             generation=old.generation + 1,
             transport_factory=self._transport_factory,
             previous=old,
@@ -135,6 +144,7 @@ class Gateway(BuiltinRoutes):
         served = {(m.name, d.provider) for m in config.models for d in m.deployments}
         self.metrics.bind_config(names, config.providers, served)
         self.metrics.config_info.set(to=self.runtime.generation)
+        self.metrics.config_revision.set(to=self.runtime.revision)
 
     def start(self) -> None:
         """Start background work (health probes); call once the event loop runs."""
@@ -156,7 +166,9 @@ class Gateway(BuiltinRoutes):
         route = op_route[1] if op_route else _route_name(req.path)
         ex = Exchange(rid, route, req.method, req.path, req.remote)
         ex.anthropic = req.path == "/v1/messages"
-        cors = self.runtime.config.server.cors
+        # The request's snapshot: everything below, settlement included, reads this one.
+        rt = self.runtime
+        cors = rt.config.server.cors
         self.in_flight += 1
         self.metrics.in_flight.inc()
         streaming = False
@@ -168,7 +180,7 @@ class Gateway(BuiltinRoutes):
             elif op_route is not None:
                 if req.method != "POST":
                     raise MethodNotAllowed(f"{req.path} accepts POST only")
-                resp = await self._model_call(req, ex, op_route[0])
+                resp = await self._model_call(req, ex, op_route[0], rt)
             elif req.path.startswith("/admin/"):
                 admin = await self.access.handle_admin(req, ex)
                 if admin is None:
@@ -194,9 +206,10 @@ class Gateway(BuiltinRoutes):
                 self.in_flight -= 1
                 self.metrics.in_flight.dec()
         resp.headers["x-request-id"] = rid
+        resp.headers["x-hapax-config-revision"] = rt.revision_header
         if cors.enabled:
-            add_cors(self.runtime.config, req, resp)
-        if self.runtime.config.logging.log_bodies and ex.model:
+            add_cors(rt.config, req, resp)
+        if rt.config.logging.log_bodies and ex.model:
             ex.request_body = req.body[:_LOGGED_BODY_BYTES]
             if not streaming:
                 ex.response_body = resp.body[:_LOGGED_BODY_BYTES]
@@ -235,7 +248,7 @@ class Gateway(BuiltinRoutes):
 
     # -- model calls -------------------------------------------------------------------
 
-    async def _model_call(self, req: Request, ex: Exchange, op: Operation) -> Response:
+    async def _model_call(self, req: Request, ex: Exchange, op: Operation, rt: Runtime) -> Response:
         ctype = req.headers.get("content-type", "")
         if ctype.split(";", 1)[0].strip().lower() != _JSON:
             raise UnsupportedMediaType(
@@ -250,7 +263,6 @@ class Gateway(BuiltinRoutes):
         ex.client_headers = req.headers
         body = await read_json_body(req.body)
         validate(op, body)
-        rt = self.runtime
         public = body["model"]
         model = rt.models.get(public)
         if model is None:
@@ -260,7 +272,7 @@ class Gateway(BuiltinRoutes):
             )
         ex.model = model.name
         ex.stream = bool(body.get("stream"))
-        admission = await self.access.admit(principal, model, body, ex)
+        admission = await self.access.admit(principal, model, body, ex, config=rt.config)
         rt.acquire()
         settled = False
         try:

@@ -79,6 +79,7 @@ class BuiltinRoutes(AccessLog):
         body = {
             "status": status,
             "config_generation": rt.generation,
+            "config": {"revision": rt.revision, "source": rt.snapshot.source, "digest": rt.snapshot.digest},
             "providers": providers,
             # Readiness is the node's own: a failing provider is routed around, not a reason
             # for the load balancer to drop every node at once.

@@ -82,16 +82,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from .server import serve
 
-        cfg = load_config(args.config) if args.config else default_config()
         overrides = {}
         if args.host:
             overrides["host"] = args.host
         if args.port is not None:
             overrides["port"] = args.port
-        if overrides:
-            cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
-        cfg = with_state_overrides(cfg, redis=args.redis, cluster=args.cluster, env=os.environ)
-        serve(cfg, config_path=args.config)
+
+        def prepare(cfg: Config) -> Config:
+            # The command line wins over the file, on every reload as at start-up.
+            if overrides:
+                cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
+            return with_state_overrides(cfg, redis=args.redis, cluster=args.cluster, env=os.environ)
+
+        cfg = prepare(load_config(args.config) if args.config else default_config())
+        serve(cfg, config_path=args.config, prepare=prepare)
         return 0
     return 2
 

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -28,20 +28,19 @@ from aiohttp import web
 from hapax import (
     ClientWriteTimeout,
     Config,
-    ConfigError,
     Gateway,
     HapaxError,
     PayloadTooLarge,
     Request,
     RequestTimeout,
     ShuttingDown,
-    load_config,
 )
 from hapax.access import AccessControl
-from hapax.config import config_findings
+from hapax.config import ConfigEvent, ConfigRejected, ConfigSource, config_findings
 from hapax.state import AccessState, FailoverState, MemoryState, RedisState
 
 from . import limits, logs
+from .config_watch import FileConfigSource
 from .protocol import SERVER_HEADER, GuardedHandler, Listener
 from .upstream import transport_factory
 
@@ -206,16 +205,32 @@ async def _read_limited(request: web.BaseRequest, limit: int) -> bytes | None:
 class Node:
     """One gateway process: front door, config reloads, and a graceful stop."""
 
-    def __init__(self, config: Config, *, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        prepare: Callable[[Config], Config] | None = None,
+        source: ConfigSource | None = None,
+    ) -> None:
+        """``source`` is where new configs come from; by default the file at ``config_path``
+        (``prepare`` applies the command line's overrides to each), or none (no reloads)."""
         self.config = config
         self.config_path = config_path
+        if source is None and config_path is not None:
+            source = FileConfigSource(
+                config_path, config, prepare=prepare,
+                interval=lambda: self.gateway.runtime.config.server.reload_interval,
+            )
+        self.source = source
         state = build_state(config)
         # Key, usage and audit writes go to background threads: the loop never waits on a disk.
         access = AccessControl(
             config, state_dir=state_dir(config, config_path), state=state, write_behind=True
         )
         self.gateway = Gateway(
-            config, transport_factory=transport_factory, access=access, access_sink=logs.ACCESS
+            source.current if source is not None else config,
+            transport_factory=transport_factory, access=access, access_sink=logs.ACCESS,
         )
         if isinstance(state, FailoverState):
             degraded = self.gateway.metrics.degraded
@@ -223,11 +238,9 @@ class Node:
             state.on_change = lambda down: degraded.set("redis", to=1 if down else 0)
         logs.WRITER.on_drop = self.gateway.metrics.log_lines_dropped.inc
         self._stop = asyncio.Event()
-        self._reload_now = asyncio.Event()
         self._runner: web.ServerRunner | None = None
         self.front = FrontDoor(self.gateway)
         self._fd_watch: asyncio.Task[None] | None = None
-        self._file_stamp: tuple[int, int, int, int] | None = None
         self.addresses: list[str] = []
 
     async def start(self) -> None:
@@ -256,14 +269,13 @@ class Node:
         self.addresses = [f"{a[0]}:{a[1]}" for a in self._runner.addresses if isinstance(a, tuple)]
         self.gateway.start()
         log.info("listening", extra={"fields": {"addresses": self.addresses}})
-        if self.config_path is not None:
-            self._file_stamp = _stamp(self.config_path)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._reload_now.set)
+        if self.source is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.source.poke)
         await self.start()
         watcher = asyncio.create_task(self._watch_config())
         try:
@@ -304,73 +316,37 @@ class Node:
             limits.check(self.gateway.runtime.config)
 
     async def _watch_config(self) -> None:
-        """Poll the config file (and answer SIGHUP) until cancelled; nothing else stops it.
+        """Apply what the config source yields until cancelled; nothing else stops it.
 
-        A watcher that dies takes reloads with it, silently, until a restart: so every
-        failure of one round is logged, counted as a failed reload, and the loop goes on.
+        A source handles a bad config or a failed round itself (a ``ConfigRejected``);
+        should its iterator still end in an exception, it is counted as a failed reload,
+        logged, and iterated again: reloads must not die silently until a restart.
         """
-        if self.config_path is None:
+        if self.source is None:
             return
         while True:
             try:
-                await self._watch_once()
+                async for event in self.source.updates():
+                    self._apply(event)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self.gateway.metrics.config_reloads.inc("failure")
-                log.exception("config watcher failed; keeping the last good config and watching on")
-                # Pace a fault that repeats every round: one log line per interval, not a spin.
+                log.exception("config source failed; keeping the last good config and watching on")
                 await asyncio.sleep(self.gateway.runtime.config.server.reload_interval)
 
-    async def _watch_once(self) -> None:
-        assert self.config_path is not None
-        interval = self.gateway.runtime.config.server.reload_interval
-        try:
-            await asyncio.wait_for(self._reload_now.wait(), interval)
-            forced = True
-        except TimeoutError:
-            forced = False
-        self._reload_now.clear()
-        stamp = _stamp(self.config_path)
-        if not forced and stamp == self._file_stamp:
-            return
-        if not forced:
-            # A writer that rewrites the file in place is caught mid-write by a poll; wait
-            # for the stamp to hold still a moment, so a half-written file is read rarely
-            # (and rejected by validation when it is).
-            await asyncio.sleep(min(_SETTLE_S, interval))
-            again = _stamp(self.config_path)
-            if again != stamp:
-                return  # still changing: the next round looks again
-        self._file_stamp = stamp
-        # Parsing is CPU work (a large file, a deep one): off the event loop.
-        result = await asyncio.to_thread(self._load)
-        self._apply(result)
-
-    def reload(self) -> bool:
-        """Load the config file and apply it now; ``False`` (last good kept) when it is invalid."""
-        return self._apply(self._load())
-
-    def _load(self) -> Config | ConfigError:
-        assert self.config_path is not None
-        try:
-            return load_config(self.config_path)
-        except ConfigError as exc:
-            return exc
-        except Exception as exc:  # load_config should raise nothing else; if it does, still keep serving
-            log.exception("config reload failed unexpectedly")
-            return ConfigError(f"unexpected {type(exc).__name__} while loading")
-
-    def _apply(self, result: Config | ConfigError) -> bool:
+    def _apply(self, event: ConfigEvent) -> bool:
+        """Apply a new snapshot, or count a rejected one; ``False`` when the last good stays."""
         m = self.gateway.metrics
-        if isinstance(result, ConfigError):
+        if isinstance(event, ConfigRejected):
             m.config_reloads.inc("failure")
             log.error(
                 "config reload rejected; keeping the last good config",
-                extra={"fields": {"path": str(self.config_path), "error": str(result)}},
+                extra={"fields": {"source": event.source, "error": str(event.error),
+                                  "revision": self.gateway.runtime.revision}},
             )
             return False
-        cfg = result
+        cfg = event.config
         old = self.gateway.runtime.config
         if (cfg.server.host, cfg.server.port) != (old.server.host, old.server.port):
             log.warning("server.host/port changes take effect on restart only")
@@ -379,15 +355,15 @@ class Node:
         ):
             log.warning("state.redis, state.cluster and state.lease_seconds take effect on restart only")
         logs.configure(cfg.logging)
-        rt = self.gateway.apply(cfg)
+        rt = self.gateway.apply(event)
         m.config_reloads.inc("success")
-        log.info("config reloaded", extra={"fields": {"generation": rt.generation}})
+        log.info("config reloaded", extra={"fields": {
+            "revision": rt.revision, "generation": rt.generation, "source": event.source, "digest": event.digest,
+        }})
         log_findings(cfg)
         return True
 
 
-#: How long a changed config file must hold still before it is read, seconds.
-_SETTLE_S = 0.1
 
 
 def log_findings(cfg: Config) -> None:
@@ -395,17 +371,6 @@ def log_findings(cfg: Config) -> None:
     for _level, msg in config_findings(cfg):
         if not msg.startswith("auth.mode: none"):  # AccessControl says that one, louder
             log.warning("config: %s", msg)
-
-
-def _stamp(path: Path) -> tuple[int, int, int, int] | None:
-    """What changes when the file does. ``stat`` follows symlinks, so a Kubernetes
-    ConfigMap update (the ``..data`` symlink swapped to a new directory) changes the
-    inode and device even when size and mtime happen to match."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
 
 
 def build_state(config: Config) -> AccessState:
@@ -466,7 +431,10 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def serve(config: Config, *, config_path: Path | None = None) -> None:
+def serve(
+    config: Config, *, config_path: Path | None = None, prepare: Callable[[Config], Config] | None = None
+) -> None:
+    """Run a node on ``config`` until SIGTERM; ``prepare`` is re-applied to each reloaded file."""
     logs.configure(config.logging)
     log_findings(config)
     if config_path is None:
@@ -477,7 +445,7 @@ def serve(config: Config, *, config_path: Path | None = None) -> None:
         runner = asyncio.run
     else:
         runner = uvloop.run
-    node = Node(config, config_path=config_path)
+    node = Node(config, config_path=config_path, prepare=prepare)
     tune_gc()
     try:
         runner(node.run())

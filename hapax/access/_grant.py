@@ -9,9 +9,10 @@ from typing import Any, NoReturn
 from .._errors import PermissionDenied, QuotaExceeded, RateLimited
 from .._exchange import Exchange
 from .._usage import estimate_prompt_tokens
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
 from ..state import Ask, BudgetScope, FailurePolicy, Grant, Refusal, Scope, day_of, month_of
 from ._authenticate import Authentication
+from ._pricing import PriceTable
 from ._principal import Principal
 from ._roles import Permission, allowed
 
@@ -35,14 +36,19 @@ class AccessGrant:
     stream: bool = False
     day: str = ""
     settled: bool = False
+    #: The prices of the config the call was admitted on: it settles at those, whatever reloads.
+    prices: PriceTable | None = None
 
 
 class Limits(Authentication):
     # -- admission ---------------------------------------------------------------------
 
     async def admit(
-        self, principal: Principal, model: ModelConfig, body: dict[str, Any], ex: Exchange
+        self, principal: Principal, model: ModelConfig, body: dict[str, Any], ex: Exchange,
+        *, config: Config | None = None,
     ) -> AccessGrant:
+        """Reserve what the call may use by the limits, budgets and prices of ``config``: the
+        request's snapshot (the one in force when omitted). Settlement uses the same prices."""
         if not allowed(principal.role, Permission.CALL_MODELS):
             raise PermissionDenied(f"role '{principal.role}' may not call models")
         if principal.models is not None and not (
@@ -51,13 +57,17 @@ class Limits(Authentication):
             raise PermissionDenied(
                 f"this API key may not use the model '{body.get('model')}'", param="model", code="model_not_allowed"
             )
+        cfg = self.config if config is None else config
+        # A request that began before a reload but is admitted after it (its body was parsed
+        # off the loop meanwhile) is priced by its own config; a table of its own is built then.
+        prices = self.prices if cfg is self.config else PriceTable(cfg.pricing)
         ex.team = principal.team or ""
         est_prompt = estimate_prompt_tokens(body)
-        est_out = self._output_estimate(body, ex)
+        est_out = self._output_estimate(body, ex, cfg)
         est_tokens = est_prompt + est_out
-        est_usd = self.prices.reserve_cost(model, prompt=est_prompt, completion=est_out)
+        est_usd = prices.reserve_cost(model, prompt=est_prompt, completion=est_out)
 
-        ask = self.ask(principal, est_tokens, est_usd)
+        ask = self.ask(principal, est_tokens, est_usd, cfg)
         grant: Grant | None = None
         if ask.any():
             r = await self.state.reserve(ask)
@@ -77,12 +87,15 @@ class Limits(Authentication):
         return AccessGrant(
             principal, headers=grant.headers if grant else {}, grant=grant, model=model,
             estimate_tokens=est_tokens, estimate_prompt=est_prompt, stream=bool(body.get("stream")),
-            day=grant.day if grant else day_of(now),
+            day=grant.day if grant else day_of(now), prices=prices,
         )
 
-    def scopes(self, principal: Principal) -> tuple[tuple[Scope, ...], tuple[BudgetScope, ...]]:
-        """The rate and budget scopes that apply to ``principal``: key, team, global."""
-        cfg = self.config
+    def scopes(
+        self, principal: Principal, cfg: Config | None = None
+    ) -> tuple[tuple[Scope, ...], tuple[BudgetScope, ...]]:
+        """The rate and budget scopes that apply to ``principal`` by ``cfg`` (the config in
+        force when omitted): key, team, global."""
+        cfg = cfg or self.config
         rate: list[Scope] = []
         budget: list[BudgetScope] = []
         team_cfg = cfg.teams.get(principal.team) if principal.team else None
@@ -100,21 +113,21 @@ class Limits(Authentication):
             rate.append(Scope("global", "", cfg.limits))
         return tuple(rate), tuple(budget)
 
-    def ask(self, principal: Principal, tokens: int, usd: float) -> Ask:
-        rate, budget = self.scopes(principal)
+    def ask(self, principal: Principal, tokens: int, usd: float, cfg: Config | None = None) -> Ask:
+        cfg = cfg or self.config
+        rate, budget = self.scopes(principal, cfg)
         if not rate and not budget:
             return _NO_ASK
-        return Ask(rate, budget, tokens, usd, self._policy(principal, rate, budget))
+        return Ask(rate, budget, tokens, usd, self._policy(principal, rate, budget, cfg))
 
     def _policy(
-        self, principal: Principal, rate: tuple[Scope, ...], budget: tuple[BudgetScope, ...]
+        self, principal: Principal, rate: tuple[Scope, ...], budget: tuple[BudgetScope, ...], cfg: Config
     ) -> FailurePolicy:
         """``fail_closed`` if any scope of the request says so, else ``fail_open``.
 
         A scope's ``limits.on_redis_failure`` overrides ``state.on_redis_failure``; a key's
         or team's budget follows the ``limits`` of the same key or team.
         """
-        cfg = self.config
         default = cfg.state.on_redis_failure
         lims = [s.limits for s in rate]
         for b in budget:
@@ -125,14 +138,14 @@ class Limits(Authentication):
                 return "fail_closed"
         return "fail_open"
 
-    def _output_estimate(self, body: dict[str, Any], ex: Exchange) -> int:
+    def _output_estimate(self, body: dict[str, Any], ex: Exchange, cfg: Config) -> int:
         if ex.route == "embeddings":
             return 0
         for k in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
             v = body.get(k)
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                 return v
-        return self.config.limits.output_tokens_estimate
+        return cfg.limits.output_tokens_estimate
 
     def _note_refusal(self, principal: Principal, model: ModelConfig, now: float) -> None:
         """A 429 for a limit or budget goes into usage too: an operator sees who hit a wall."""

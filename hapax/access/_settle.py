@@ -37,12 +37,13 @@ class Settlement(Limits):
                 admission.estimate_tokens - admission.estimate_prompt, usage.completion_tokens if usage else 0
             )
         tokens = prompt + completion
+        prices = admission.prices or self.prices
         if ex.upstream_model:
             # Priced by the deployment that answered: one public model may be self-hosted and Claude.
-            price = self.prices.find(model.name, provider=ex.provider, upstream=ex.upstream_model)
+            price = prices.find(model.name, provider=ex.provider, upstream=ex.upstream_model)
             cost = cost_usd(price, prompt=prompt, completion=completion, cached=cached)
         else:  # no deployment answered; charge as reserved (nothing, unless output went out)
-            cost = self.prices.reserve_cost(model, prompt=prompt, completion=completion)
+            cost = prices.reserve_cost(model, prompt=prompt, completion=completion)
         ex.cost_usd = cost
         settled = DONE
         if admission.grant is not None:

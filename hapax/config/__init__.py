@@ -20,6 +20,7 @@ from ._config import (
     StateConfig,
     Timeouts,
     config_findings,
+    config_from_bytes,
     config_schema,
     default_config,
     load_config,
@@ -33,6 +34,7 @@ from ._reliability import (
     ReliabilityConfig,
     RetryConfig,
 )
+from ._source import ConfigEvent, ConfigRejected, ConfigSnapshot, ConfigSource, Revisions, digest_of
 
 __all__ = [
     "AdmissionConfig",
@@ -42,6 +44,10 @@ __all__ = [
     "Budget",
     "CORSConfig",
     "Config",
+    "ConfigEvent",
+    "ConfigRejected",
+    "ConfigSnapshot",
+    "ConfigSource",
     "DedupConfig",
     "Deployment",
     "GlobalLimits",
@@ -55,14 +61,17 @@ __all__ = [
     "RedisConfig",
     "ReliabilityConfig",
     "RetryConfig",
+    "Revisions",
     "ServerConfig",
     "StateConfig",
     "TeamConfig",
     "Timeouts",
     "UsageConfig",
     "config_findings",
+    "config_from_bytes",
     "config_schema",
     "default_config",
+    "digest_of",
     "load_config",
     "parse_config",
 ]

@@ -471,6 +471,11 @@ def load_config(
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return config_from_bytes(raw, env=env, require_env=require_env)
+
+
+def config_from_bytes(raw: bytes, *, env: Mapping[str, str] | None = None, require_env: bool = True) -> Config:
+    """``load_config`` for bytes already read (a source that digests what it parsed)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

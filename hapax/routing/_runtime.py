@@ -1,9 +1,13 @@
-"""A config in force: the validated config plus the providers built from it.
+"""A config in force: one immutable snapshot plus what is built from it.
 
 Theory of operation: the gateway holds exactly one current ``Runtime``. A
-request takes a reference at its start (``acquire``) and gives it back at its
-end, so it finishes on the config it started with even if a reload swaps in a
-new one meanwhile. A reload builds the next runtime, reusing every provider
+request takes it once, at its start, and uses only it until it settles: the
+routes (``models``), the prices, limits, budgets and strategies in
+``config``, all from one ``ConfigSnapshot`` with one revision (access control
+prices a call by the config of the runtime it was admitted on).
+It takes a reference (``acquire``) and gives it back at its end, so it
+finishes on the config it started with even if a reload swaps in a new one
+meanwhile. A reload builds the next runtime, reusing every provider
 whose config did not change (their connection pools stay warm), and retires
 the old one; providers nobody uses any more are closed once the last request
 holding the old runtime ends.
@@ -15,7 +19,7 @@ import asyncio
 from collections.abc import Callable
 
 from .._transport import Transport
-from ..config import Config, ModelConfig, ProviderConfig
+from ..config import Config, ConfigSnapshot, ModelConfig, ProviderConfig
 from ..providers import Provider, build_provider
 from ._table import aliases
 
@@ -25,13 +29,19 @@ TransportFactory = Callable[[str, ProviderConfig], Transport]
 class Runtime:
     def __init__(
         self,
-        config: Config,
+        snapshot: ConfigSnapshot,
         *,
         generation: int,
         transport_factory: TransportFactory,
         previous: Runtime | None = None,
     ) -> None:
-        self.config = config
+        config = snapshot.config
+        self.snapshot = snapshot
+        self.config: Config = config
+        #: The snapshot's revision (the source's number); ``generation`` counts runtimes here.
+        self.revision = snapshot.revision
+        #: ``x-hapax-config-revision``, formatted once.
+        self.revision_header = str(snapshot.revision)
         self.generation = generation
         self.providers: dict[str, Provider] = {}
         for name, pcfg in config.providers.items():

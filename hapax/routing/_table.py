@@ -116,7 +116,11 @@ class Routes:
             if breakers_on and not h.breaker.available(now=now):
                 continue
             out.append(_Candidate(dep, h))
-        strategy = self._strategies.get(model.name) or build_strategy(model.strategy)
+        strategy = self._strategies.get(model.name)
+        if strategy is None or strategy.name != model.strategy:
+            # A request that began before a reload changed this model's strategy keeps its
+            # own (its snapshot's), without the shared state of the new one.
+            strategy = build_strategy(model.strategy)
         ordered = strategy.order(out, now=now, rng=self._rng)
         if tried:
             ordered.sort(key=lambda c: tried.get(c.key, 0))  # stable: strategy order within
