@@ -119,9 +119,18 @@ class FileConfigSource(ConfigSource):
         self._stamp = stamp
         loaded = await asyncio.to_thread(self._load, forced)
         if loaded is None:
+            self._unchanged("same bytes")
             return None
         result, digest = loaded
-        return self._revisions.offer(result, digest=digest)
+        event = self._revisions.offer(result, digest=digest)
+        if event is None:
+            self._unchanged("same config")
+        return event
+
+    def _unchanged(self, why: str) -> None:
+        # Rare (someone touched or rewrote the file) and worth a line: why nothing was applied.
+        log.info("config file unchanged; the revision stays", extra={"fields": {
+            "source": self.name, "why": why, "revision": self.current.revision}})
 
     def _load(self, forced: bool) -> tuple[Config | ConfigError, str] | None:
         """Read, hash and parse the file (in a thread); ``None`` for bytes already looked at."""

@@ -156,7 +156,9 @@ def test_configmap_symlink_swap_is_seen(gateway: Callable[..., GatewayProcess], 
     gw.start()
     try:
         assert _models(gw) == ["aaaaa"]
+        assert httpx.get(gw.url + "/health/ready").json()["config"]["revision"] == 1
         publish("v2", "bbbbb")
         _wait(lambda: _models(gw) == ["bbbbb"], "swapped ConfigMap applied")
+        assert httpx.get(gw.url + "/health/ready").json()["config"]["revision"] == 2
     finally:
         gw.stop()

@@ -16,6 +16,7 @@ Errors use OpenAI's error body. ``state.faults`` scripts misbehaviour:
     {"truncate_body": True}              a 200 JSON body cut short (Content-Length promises more)
     {"malformed_stream": True}           a 200 event stream whose events are not JSON
     {"chunk_delay": 1, "chunk_delay_from": 1}   sleep before each stream event from the Nth on
+    {"pause_after": 2}                   stream N events, then wait for ``state.release`` (at most 15 s)
 
 ``state.always`` (a fault dict) applies to every request once ``faults`` is empty.
 """
@@ -169,6 +170,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
             return resp
         if fault.get("chunk_delay") and i >= fault.get("chunk_delay_from", 0):
             await asyncio.sleep(fault["chunk_delay"])
+        if "pause_after" in fault and i == fault["pause_after"]:
+            # Mid-stream, until the test has done what must happen while the stream is open.
+            end = asyncio.get_running_loop().time() + 15
+            while not state.release.is_set() and asyncio.get_running_loop().time() < end:
+                await asyncio.sleep(0.02)
         try:
             await send(ev)
         except ConnectionResetError:
