@@ -192,7 +192,7 @@ def test_command_line_overrides_survive_a_reload(gateway: Callable[..., GatewayP
 def test_revisions_keep_the_last_good_and_count_changes_only() -> None:
     """The keep-last-good rules every source shares (the etcd source brings its own numbers)."""
     from hapax import ConfigError, parse_config
-    from hapax._config_source import ConfigRejected, ConfigSnapshot, Revisions
+    from hapax.config import ConfigRejected, ConfigSnapshot, Revisions
 
     a, b = (parse_config({"providers": {"m": {"type": "mock"}}, "models": [{"name": n, "provider": "m"}]})
             for n in ("a", "b"))
