@@ -123,6 +123,30 @@ def test_a_stuck_state_dir_does_not_stall_the_node(gateway: Callable[..., Gatewa
           "the usage row on disk")
 
 
+def test_an_audit_file_nobody_reads_stalls_neither_requests_nor_the_exit(
+    gateway: Callable[..., GatewayProcess],
+) -> None:
+    """The live audit file swapped for a FIFO with no reader: the writer blocks in open() for
+    good. Requests are still answered, and SIGTERM still ends the node (it gives the stuck
+    writer its bounded wait, says so in the log, and exits 0)."""
+    gw = gateway(_config(), env=ENV)
+    _wait(lambda: any(e["event"] == "gateway.started" for e in _events(gw)), "the start-up event on disk")
+    live = _state(gw) / "audit" / "audit.jsonl"
+    live.unlink()
+    os.mkfifo(live, 0o600)
+    secret, _ = _create_key(gw, "made-with-a-fifo")  # audited: the writer now blocks on the FIFO
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=secret, timeout=10, max_retries=0)
+    for _ in range(5):
+        assert httpx.get(gw.url + "/admin/whoami", headers=ADMIN, timeout=10).status_code == 200
+        assert httpx.get(gw.url + "/health/live", timeout=10).status_code == 200
+        reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content == "ok"
+    assert gw.stop() == 0
+    assert "audit: not everything was written before shutdown" in gw.logs()
+    # The other stores were not held back by the stuck audit writer.
+    assert "made-with-a-fifo" in (_state(gw) / "keys" / "keys.json").read_text()
+
+
 def test_a_flood_of_bad_keys_is_coalesced_and_real_events_still_recorded(
     gateway: Callable[..., GatewayProcess],
 ) -> None:
