@@ -223,6 +223,8 @@ class Node:
                 interval=lambda: self.gateway.runtime.config.server.reload_interval,
             )
         self.source = source
+        if source is not None:
+            config = self.config = source.current.config  # what the node starts on is the source's
         state = build_state(config)
         # Key, usage and audit writes go to background threads: the loop never waits on a disk.
         access = AccessControl(
