@@ -294,7 +294,7 @@ class QueuedAudit(Audit):
                             "why": "the audit queue was full: the audit directory did not keep up"},
             }))
         if items:
-            items.sort(key=lambda it: it[1])  # windows close late; the file stays in time order
+            items.sort(key=lambda it: it[1])  # in time order within a batch (windows close late)
             try:
                 self.sink.write_batch(items)
             except BaseException:
