@@ -5,7 +5,7 @@ pipeline of 32 costs ~25 µs (/work/shared/notes/redis-client-cost.md). So
 operations are not sent one by one: ``submit`` queues an operation for one of the
 scripts and the queue goes out at the end of the loop iteration, every script's
 operations packed (msgpack) into one ``EVALSHA`` each, all in one pipeline, one
-round trip. While a batch is on the wire the next one gathers; it leaves the
+round trip, written on one kept connection. While a batch is on the wire the next one gathers; it leaves the
 moment the first returns, so batches grow with load and an idle node pays one
 round trip.
 
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import msgpack
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ._base import StateUnavailable
 
@@ -41,6 +43,7 @@ class Batcher:
         self._scheduled = False
         self._sending = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._conn: AbstractConnection | None = None
         #: Round trips and operations sent, for the benchmark's figures.
         self.round_trips = 0
         self.operations = 0
@@ -104,22 +107,46 @@ class Batcher:
         args = [(i, msgpack.packb([op for op, _, _ in ops])) for i, ops in enumerate(batch) if ops]
         self.round_trips += 1
         self.operations += sum(len(ops) for ops in batch)
-        pipe = self._client.pipeline(transaction=False)
-        for i, packed in args:
-            pipe.execute_command("EVALSHA", self._shas[i], 0, packed)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        replies = await self._evalsha(args)
         if any(isinstance(r, NoScriptError) for r in replies):
             # Redis lost its script cache (restart, SCRIPT FLUSH): load and send again, once.
             for src in self._sources:
                 await self._client.script_load(src)
-            pipe = self._client.pipeline(transaction=False)
-            for i, packed in args:
-                pipe.execute_command("EVALSHA", self._shas[i], 0, packed)
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._evalsha(args)
         for r in replies:
-            if isinstance(r, Exception):
-                raise r if isinstance(r, RedisError) else RedisError(str(r))
+            if isinstance(r, BaseException):
+                raise r
         return replies
+
+    async def _evalsha(self, args: list[tuple[int, bytes]]) -> list[Any]:
+        """One write of every ``EVALSHA``, then their replies, on a connection kept for it.
+
+        redis-py's connection layer rather than its pipeline object: measured on this
+        machine, a one-command round trip costs ~165 µs of CPU this way against ~285 µs
+        through ``pipeline().execute()``, and a quiet node sends mostly one-op batches.
+        The caller's ``asyncio.timeout`` bounds the whole exchange.
+        """
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(
+                conn.pack_commands([("EVALSHA", self._shas[i], 0, packed) for i, packed in args]),
+                check_health=False,
+            )
+            replies: list[Any] = []
+            for _ in args:
+                try:
+                    replies.append(await conn.read_response(disable_decoding=True, timeout=math.inf))
+                except ResponseError as exc:  # an error reply: the connection is still in step
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            # Anything else (a timeout, a reset, a cancel) leaves the stream out of step.
+            self._conn = None
+            await conn.disconnect()
+            await self._client.connection_pool.release(conn)
+            raise
 
     async def load(self) -> None:
         """Load the scripts now, so the first requests do not pay for it."""
@@ -139,3 +166,6 @@ class Batcher:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await self._client.connection_pool.release(conn)
