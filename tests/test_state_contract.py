@@ -351,3 +351,16 @@ async def test_redis_loses_its_scripts_and_the_backend_loads_them_again(redis_en
     await st.client.script_flush()
     grant(await st.reserve(Ask((key(RateLimits(requests_per_minute=5)),))))
 
+
+
+async def test_a_settle_reaches_the_state_before_a_reservation_made_after_it(env: Env) -> None:
+    # A client whose call just ended sends its next one at once: its own slot must be free,
+    # even when the settle and the next reservation go to Redis in the same round trip.
+    st = await env.make()
+    ask = Ask((key(RateLimits(concurrent=1)),))
+    g = grant(await st.reserve(ask))
+    for _ in range(20):
+        settled = st.settle(g, tokens=0, usd=0.0)
+        g = grant(await st.reserve(ask))
+        await settled
+    await st.release(g)
