@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -213,3 +214,30 @@ async def test_a_team_usd_budget_shared_by_two_nodes_is_overspent_by_at_most_one
             assert i < 40
     assert sum(spent) <= 0.05 + max(spent)
     assert len(spent) == 6  # what one node alone admits (tests/test_access_http.py)
+
+
+async def test_a_node_killed_holding_slots_gives_them_back_within_the_lease(
+    gateway: Callable[..., GatewayProcess], redis_url: str,
+    openai_upstream: tuple[UpstreamServer, UpstreamState],
+) -> None:
+    server, up = openai_upstream
+    up.always = {"hold": 30}
+    up.release.clear()
+    cfg = node_config(redis_url, limits={"concurrent": 3}, upstream=server.url, lease_seconds=1.0)
+    doomed, survivor = gateway(cfg), gateway(cfg)
+    cs = clients(doomed)
+    held = [asyncio.create_task(call(cs[0], i)) for i in range(3)]
+    await asyncio.to_thread(_wait, lambda: len(up.seen) == 3, "3 calls held at the upstream")
+    doomed.signal(signal.SIGKILL)  # no settle, no drain: its three leases just stop being renewed
+    await asyncio.gather(*held, return_exceptions=True)
+    await cs[0].close()
+    up.always = None
+    (other,) = clients(survivor)
+    assert await call(other, 100) == 429  # the dead node's slots are still leased
+    deadline = time.monotonic() + 15
+    while (status := await call(other, 101)) == 429:  # bounded poll: back within the 1 s lease
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert status == 200
+    up.release.set()
+    await other.close()
