@@ -29,6 +29,7 @@ from hapax import (
     ClientWriteTimeout,
     Config,
     Gateway,
+    GatewayMetrics,
     HapaxError,
     PayloadTooLarge,
     Request,
@@ -37,11 +38,13 @@ from hapax import (
 )
 from hapax.access import AccessControl
 from hapax.config import ConfigEvent, ConfigRejected, ConfigSource, config_findings
+from hapax.routing import Dispatcher
 from hapax.state import AccessState, FailoverState, MemoryState, RedisState
 
 from . import limits, logs
 from .config_watch import FileConfigSource
 from .protocol import SERVER_HEADER, GuardedHandler, Listener
+from .state import Degraded, RoutingState
 from .upstream import transport_factory
 
 log = logging.getLogger("hapax.node")
@@ -230,9 +233,16 @@ class Node:
         access = AccessControl(
             config, state_dir=state_dir(config, config_path), state=state, write_behind=True
         )
+        metrics = GatewayMetrics()
+        # Slots, dedup and health shared through Redis when state.redis.url is set.
+        self.shared: RoutingState | None = None
+        if config.state.redis.url is not None:
+            self.shared = RoutingState(config, Degraded(metrics))
+        dispatcher = Dispatcher(metrics=metrics, slots=self.shared.slots if self.shared else None)
         self.gateway = Gateway(
             source.current if source is not None else config,
-            transport_factory=transport_factory, access=access, access_sink=logs.ACCESS,
+            transport_factory=transport_factory, metrics=metrics, access=access,
+            dispatcher=dispatcher, access_sink=logs.ACCESS,
         )
         if isinstance(state, FailoverState):
             degraded = self.gateway.metrics.degraded
@@ -265,6 +275,8 @@ class Node:
         self._fd_watch = asyncio.create_task(self._watch_fds())
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0, handle_signals=False)
         await self.gateway.access.state.start()
+        if self.shared is not None:
+            await self.shared.start()
         await self._runner.setup()
         site = web.TCPSite(self._runner, srv.host, srv.port, reuse_port=True, backlog=srv.listen_backlog)
         await site.start()
@@ -310,6 +322,8 @@ class Node:
                 await asyncio.sleep(0.02)
         await self._runner.cleanup()
         await self.gateway.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()
         log.info("stopped", extra={"fields": {"abandoned_requests": left}})
 
     async def _watch_fds(self) -> None:

@@ -8,9 +8,9 @@ import pytest
 
 from hapax._errors import HapaxError
 from hapax.config._reliability import HealthCheckConfig
-from hapax.routing._dedup import MemoryInFlight, dedup_key
 from hapax.routing._health import ProbeStatus, ProbeTracker
-from hapax.routing._slots import GLOBAL, QueueFull, SlotGate, SlotTable, overload_error
+from hapax.state._dedup import MemoryInFlight, dedup_key
+from hapax.state._slots import GLOBAL, QueueFull, SlotGate, SlotTable, overload_error
 
 G = (GLOBAL,)
 

@@ -7,9 +7,9 @@ deployment that gave it, so the gateway can translate the reply back and
 label its metrics. Everything that can still be undone happens before that
 point; nothing is retried after it. The layers, outermost first:
 
-1. **Dedup** (``hapax.routing._dedup``): identical concurrent non-streaming requests of
+1. **Dedup** (``hapax.state._dedup``): identical concurrent non-streaming requests of
    one caller share one pass through the layers below.
-2. **Admission** (``hapax.routing._slots``): a slot under the node's and the
+2. **Admission** (``hapax.state._slots``): a slot under the node's and the
    model's concurrency limits, or a wait in the priority queue.
 3. **Attempts**: the healthy deployments (breaker lets calls through, not
    cooling down after a 429, provider's probe not failing) ordered by the
@@ -58,13 +58,12 @@ from .._metrics import GatewayMetrics
 from ..api import Translation, find_translation
 from ..config import Deployment, ModelConfig
 from ..providers import Call, EventBatches, Operation, Provider, Reply, StreamReply, has_provider_headers
+from ..state import GLOBAL, InFlight, MemoryInFlight, Slot, SlotGate, Slots, dedup_key, overload_error
 from ._balancer import Strategy, ewma
 from ._breaker import Permit
-from ._dedup import InFlight, MemoryInFlight, dedup_key
 from ._health import HealthStore, MemoryHealthStore, Prober
 from ._health_report import HealthReport
 from ._retry import GiveUp, RetryPlan, retry_after_of
-from ._slots import GLOBAL, Slot, SlotGate, overload_error
 from ._table import _Candidate
 
 if TYPE_CHECKING:
@@ -98,6 +97,7 @@ class Dispatcher(HealthReport):
         metrics: GatewayMetrics | None = None,
         health: HealthStore | None = None,
         in_flight: InFlight | None = None,
+        slots: Slots | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -107,12 +107,8 @@ class Dispatcher(HealthReport):
         self._clock = clock
         self._rng = rng or random.Random()
         m = self.metrics
-        self.gate = SlotGate(
-            queue_size=0,
-            on_wait=lambda s: m.queue_wait.observe(s),
-            on_reject=lambda reason: m.queue_rejections.inc(reason),
-            clock=clock,
-        )
+        self.gate = slots or SlotGate(queue_size=0, clock=clock)
+        self.gate.attach(on_wait=m.queue_wait.observe, on_reject=m.queue_rejections.inc)
         self._generation = 0
         self._strategies: dict[str, Strategy] = {}
         self._prober: Prober | None = None

@@ -48,7 +48,7 @@ class HealthReport(Routes):
 
     def _collect(self) -> None:
         m = self.metrics
-        m.queue_depth.set(to=self.gate.table.waiting)
+        m.queue_depth.set(to=self.gate.waiting)
         for h in self.health.deployments():
             label = m.deployments(h.key)
             h.breaker.poll(now=self._clock())
@@ -112,5 +112,5 @@ class HealthReport(Routes):
         return {
             "providers": providers,
             "deployments": sorted(deployments, key=lambda d: str(d["deployment"])),
-            "queue": {"waiting": self.gate.table.waiting},
+            "queue": {"waiting": self.gate.waiting},
         }

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 from .._errors import NoHealthyUpstream
 from .._metrics import GatewayMetrics
 from ..config import Config, Deployment, ModelConfig
+from ..state import GLOBAL, Slots
 from ._balancer import Strategy, build_strategy
 from ._health import DeploymentHealth, HealthStore, ProbeStatus
-from ._slots import GLOBAL, SlotGate
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -69,7 +69,7 @@ class Routes:
     # Set by ``Dispatcher.__init__``.
     metrics: GatewayMetrics
     health: HealthStore
-    gate: SlotGate
+    gate: Slots
     _clock: Callable[[], float]
     _rng: random.Random
     _generation: int
@@ -159,7 +159,7 @@ class Routes:
         )
 
 
-def _limits(cfg: Config) -> dict[str, int | None]:
+def _limits(cfg: Config) -> dict[str, int]:
     limits: dict[str, int | None] = {GLOBAL: cfg.reliability.admission.max_concurrency}
     for m in cfg.models:
         limits["model:" + m.name] = m.max_concurrency

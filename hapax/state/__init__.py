@@ -1,4 +1,4 @@
-"""Shared state behind async seams: rate limits, concurrency, quotas and budgets.
+"""Shared state behind async seams: rate limits, concurrency, quotas and budgets; slots, dedup, health.
 
 ``AccessState`` is the seam (``reserve`` one ``Ask`` over every scope at once,
 ``settle`` or ``release`` the ``Grant`` exactly once, ``view`` for headers and
@@ -6,6 +6,10 @@
 one set of limits across processes and nodes; ``FailoverState`` puts a breaker
 and the ``on_redis_failure`` policy around Redis. ``node`` builds one and hands
 it to the core.
+
+Routing's seams: ``Slots`` (concurrency slots and the priority queue; ``SlotGate``
+in memory, ``RedisSlots`` shared) and ``InFlight`` (in-flight dedup). ``node``
+builds the backends and hands them to the core.
 """
 
 from ._base import (
@@ -20,38 +24,61 @@ from ._base import (
     StateView,
 )
 from ._budget import BudgetDenied, BudgetGrant, BudgetLedger, BudgetScope, day_of, month_of, seconds_to_period_end
+from ._bus import Bus
+from ._dedup import InFlight, MemoryInFlight, dedup_key
 from ._failover import DEFAULT_RETRY_INTERVAL, FailoverState
 from ._memory import MemoryState
 from ._ratelimit import RateDenied, RateGrant, RateLimiter, Scope, TokenBucket, format_duration, tightest_headers
 from ._redis import DEFAULT_LEASE_SECONDS, RedisState
+from ._script import RedisBreaker, RedisUnavailable, Script
+from ._slots import GLOBAL, Alternatives, Overloaded, QueueFull, Slot, SlotGate, Slots, SlotTable, overload_error
+from ._slots_redis import SLOTS_LUA, RedisSlots
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
     "DEFAULT_RETRY_INTERVAL",
     "DONE",
+    "GLOBAL",
+    "SLOTS_LUA",
     "AccessState",
+    "Alternatives",
     "Ask",
     "BudgetDenied",
     "BudgetGrant",
     "BudgetLedger",
     "BudgetScope",
+    "Bus",
     "FailoverState",
     "FailurePolicy",
     "Grant",
+    "InFlight",
+    "MemoryInFlight",
     "MemoryState",
+    "Overloaded",
+    "QueueFull",
     "RateDenied",
     "RateGrant",
     "RateLimiter",
     "RateView",
+    "RedisBreaker",
+    "RedisSlots",
     "RedisState",
+    "RedisUnavailable",
     "Refusal",
     "Scope",
+    "Script",
+    "Slot",
+    "SlotGate",
+    "SlotTable",
+    "Slots",
     "StateUnavailable",
     "StateView",
     "TokenBucket",
     "day_of",
+    "dedup_key",
     "format_duration",
     "month_of",
+    "overload_error",
     "seconds_to_period_end",
     "tightest_headers",
 ]

@@ -1,4 +1,4 @@
-"""Admission: concurrency slots and the priority queue in front of them.
+"""Concurrency slots and the priority queue in front of them: the seam and its memory backend.
 
 Theory of operation: a *slot* is one call in flight, counted against named
 limits: ``*`` (the node), ``model:<name>`` and ``dep:<provider/model>``. A
@@ -23,8 +23,10 @@ hung up and aiohttp cancelled the handler) is taken out of the queue at once.
 Each waiting request has its own timer (``asyncio.timeout``); aiohttp already
 arms one per request, so one more while queued is not worth a shared wheel.
 
-The state contract (DESIGN §4) is ``SlotTable``'s: a Redis backend keeps the
-counts and the queue as sorted sets, with the same grant rule in Lua.
+The seam is ``Slots`` (``configure``, ``acquire`` → ``Slot``, ``Slot.release``):
+``SlotGate`` is its memory backend, one process's table; ``RedisSlots``
+(``_slots_redis``) keeps the table in Redis with the same grant rule in Lua, so
+every node and worker of a cluster shares one set of slots and one queue.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -161,21 +164,70 @@ class SlotTable:
 
 @dataclass(slots=True)
 class Slot:
-    """A granted slot; ``release`` is idempotent."""
+    """A granted slot; ``release`` is idempotent, and committed when called (never awaited)."""
 
-    gate: SlotGate
+    gate: Slots
     keys: tuple[str, ...]
     index: int
     waited: float
     released: bool = False
+    #: The backend's own handle (a shared backend's lease id).
+    handle: object = None
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.gate._release(self.keys)
+            self.gate._give_back(self)
 
 
-class SlotGate:
+Overloaded = Callable[[str, float], HapaxError]
+
+
+class Slots(ABC):
+    """Concurrency slots and the priority queue: one backend per process, built by ``node``."""
+
+    #: memory or redis, for logs.
+    name = "memory"
+    on_wait: Callable[[float], None] | None = None
+    on_reject: Callable[[str], None] | None = None
+
+    def attach(
+        self, *, on_wait: Callable[[float], None] | None, on_reject: Callable[[str], None] | None
+    ) -> None:
+        """Report waits (seconds, 0 for an immediate grant) and rejections (queue_full, queue_timeout)."""
+        self.on_wait, self.on_reject = on_wait, on_reject
+
+    @abstractmethod
+    def configure(self, *, queue_size: int, limits: dict[str, int]) -> None:
+        """Follow a new config: the queue bound and every limit (a key absent is unlimited)."""
+
+    @abstractmethod
+    async def acquire(
+        self, alternatives: Alternatives, *, priority: int, timeout: float, overloaded: Overloaded
+    ) -> Slot:
+        """A slot for the first of ``alternatives`` with room, or a wait in line up to ``timeout``.
+
+        ``overloaded(reason, retry_after)`` builds the error for a full queue
+        (``queue_full``) or a wait that ran out (``queue_timeout``).
+        """
+
+    @property
+    @abstractmethod
+    def waiting(self) -> int:
+        """Requests of this process waiting in the queue now (the queue-depth gauge)."""
+
+    @abstractmethod
+    def _give_back(self, slot: Slot) -> None:
+        """End ``slot``; called once, by ``Slot.release``."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Start background work (lease renewal, wake-ups); call once the event loop runs."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work and close connections."""
+
+
+class SlotGate(Slots):
     def __init__(
         self,
         *,
@@ -186,11 +238,15 @@ class SlotGate:
     ) -> None:
         self.table = SlotTable(queue_size=queue_size)
         self._futures: dict[int, asyncio.Future[None]] = {}
-        self._on_wait = on_wait
-        self._on_reject = on_reject
+        self.on_wait = on_wait
+        self.on_reject = on_reject
         self._clock = clock
 
-    def configure(self, *, queue_size: int, limits: dict[str, int | None]) -> None:
+    @property
+    def waiting(self) -> int:
+        return self.table.waiting
+
+    def configure(self, *, queue_size: int, limits: dict[str, int]) -> None:
         self.table.queue_size = queue_size
         for key in set(self.table.limits()) - set(limits):
             self._wake(self.table.set_limit(key, None))
@@ -203,21 +259,16 @@ class SlotGate:
         *,
         priority: int,
         timeout: float,
-        overloaded: Callable[[str, float], HapaxError],
+        overloaded: Overloaded,
     ) -> Slot:
-        """A slot for one of ``alternatives``; waits in line up to ``timeout`` seconds.
-
-        ``overloaded(reason, retry_after)`` builds the error for a full queue
-        (``queue_full``) or a wait that ran out (``queue_timeout``).
-        """
         i = self.table.try_acquire(alternatives)
         if i is not None:
             return Slot(self, tuple(alternatives[i]), i, 0.0)
         try:
             w = self.table.enqueue(alternatives, priority=priority)
         except QueueFull:
-            if self._on_reject:
-                self._on_reject("queue_full")
+            if self.on_reject:
+                self.on_reject("queue_full")
             raise overloaded("queue_full", timeout) from None
         fut = asyncio.get_running_loop().create_future()
         self._futures[w.seq] = fut
@@ -228,8 +279,8 @@ class SlotGate:
                 await fut
             done = True
         except TimeoutError:
-            if self._on_reject:
-                self._on_reject("queue_timeout")
+            if self.on_reject:
+                self.on_reject("queue_timeout")
             raise overloaded("queue_timeout", timeout) from None
         finally:
             self._futures.pop(w.seq, None)
@@ -241,14 +292,17 @@ class SlotGate:
                     w.gone = True
                     self._release(tuple(w.alternatives[w.granted]))
         waited = self._clock() - t0
-        if self._on_wait:
-            self._on_wait(waited)
+        if self.on_wait:
+            self.on_wait(waited)
         assert w.granted is not None
         return Slot(self, tuple(w.alternatives[w.granted]), w.granted, waited)
 
     def record_immediate(self) -> None:
-        if self._on_wait:
-            self._on_wait(0.0)
+        if self.on_wait:
+            self.on_wait(0.0)
+
+    def _give_back(self, slot: Slot) -> None:
+        self._release(slot.keys)
 
     def _release(self, keys: tuple[str, ...]) -> None:
         self._wake(self.table.release(keys))
