@@ -238,7 +238,11 @@ class Node:
         self.shared: RoutingState | None = None
         if config.state.redis.url is not None:
             self.shared = RoutingState(config, Degraded(metrics))
-        dispatcher = Dispatcher(metrics=metrics, slots=self.shared.slots if self.shared else None)
+        dispatcher = Dispatcher(
+            metrics=metrics,
+            slots=self.shared.slots if self.shared else None,
+            in_flight=self.shared.dedup if self.shared else None,
+        )
         self.gateway = Gateway(
             source.current if source is not None else config,
             transport_factory=transport_factory, metrics=metrics, access=access,

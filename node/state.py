@@ -19,7 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from hapax import Config, GatewayMetrics
-from hapax.state import SLOTS_LUA, Bus, RedisBreaker, RedisSlots, Script
+from hapax.state import DEDUP_LUA, SLOTS_LUA, Bus, RedisBreaker, RedisInFlight, RedisSlots, Script
 
 #: Seconds between probes of a Redis found down (as the access state's breaker).
 RETRY_INTERVAL = 1.0
@@ -68,13 +68,19 @@ class RoutingState:
             key_prefix=r.key_prefix, cluster=st.cluster, lease_seconds=st.lease_seconds,
             workers=live_workers(), on_redis_failure=st.on_redis_failure,
         )
+        self.dedup = RedisInFlight(
+            Script(self.client, DEDUP_LUA, timeout=r.timeout), self.bus, self.breaker,
+            key_prefix=r.key_prefix, cluster=st.cluster, lease_seconds=st.lease_seconds,
+        )
 
     async def start(self) -> None:
         await self.bus.start()
         await self.slots.start()
+        await self.dedup.start()
 
     async def aclose(self) -> None:
         await self.slots.aclose()
+        await self.dedup.aclose()
         await self.bus.aclose()
         await self.client.aclose()
 

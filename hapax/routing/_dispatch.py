@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import orjson
 
 from .._errors import (
@@ -55,10 +56,20 @@ from .._errors import (
 )
 from .._exchange import Exchange
 from .._metrics import GatewayMetrics
+from .._usage import Usage
 from ..api import Translation, find_translation
 from ..config import Deployment, ModelConfig
-from ..providers import Call, EventBatches, Operation, Provider, Reply, StreamReply, has_provider_headers
-from ..state import GLOBAL, InFlight, MemoryInFlight, Slot, SlotGate, Slots, dedup_key, overload_error
+from ..providers import (
+    Call,
+    EventBatches,
+    JsonReply,
+    Operation,
+    Provider,
+    Reply,
+    StreamReply,
+    has_provider_headers,
+)
+from ..state import GLOBAL, Codec, InFlight, MemoryInFlight, Slot, SlotGate, Slots, dedup_key, overload_error
 from ._balancer import Strategy, ewma
 from ._breaker import Permit
 from ._health import HealthStore, MemoryHealthStore, Prober
@@ -103,11 +114,11 @@ class Dispatcher(HealthReport):
     ) -> None:
         self.metrics = metrics or GatewayMetrics()
         self.health = health or MemoryHealthStore()
-        self.dedup = in_flight or MemoryInFlight()
+        self.dedup = in_flight if in_flight is not None else MemoryInFlight()  # it has a len()
         self._clock = clock
         self._rng = rng or random.Random()
         m = self.metrics
-        self.gate = slots or SlotGate(queue_size=0, clock=clock)
+        self.gate = slots if slots is not None else SlotGate(queue_size=0, clock=clock)
         self.gate.attach(on_wait=m.queue_wait.observe, on_reject=m.queue_rejections.inc)
         self._generation = 0
         self._strategies: dict[str, Strategy] = {}
@@ -141,7 +152,8 @@ class Dispatcher(HealthReport):
         self, rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange
     ) -> Dispatched:
         key = dedup_key(ex.principal, model.name, op.value, body)
-        d, shared = await self.dedup.run(key, lambda: self._send_handling_admission(rt, model, op, body, ex))
+        d, shared = await self.dedup.run(
+            key, lambda: self._send_handling_admission(rt, model, op, body, ex), _codec(rt, model, op))
         if not shared:
             return d
         self.metrics.deduplicated.inc(self.metrics.models(model.name))
@@ -361,6 +373,34 @@ class Dispatcher(HealthReport):
         reply.events = watched()
         _on_close(reply, done)
 
+
+
+def _codec(rt: Runtime, model: ModelConfig, op: Operation) -> Codec[Dispatched]:
+    """How a JSON reply crosses to another process's identical request (``RedisInFlight``)."""
+
+    def encode(d: Dispatched) -> bytes | None:
+        reply = d.reply
+        if not isinstance(reply, JsonReply):
+            return None
+        u = reply.usage
+        raw = reply.raw if reply.raw is not None else orjson.dumps(reply.body)
+        return bytes(msgpack.packb([
+            d.deployment.provider, d.deployment.model, raw, reply.raw is not None,
+            [u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reported],
+            d.headers, d.attempts, d.upstream_seconds,
+        ]))
+
+    def decode(blob: bytes) -> Dispatched:
+        prov, upstream, raw, exact, usage, headers, attempts, seconds = msgpack.unpackb(blob, raw=False)
+        dep = next((x for x in model.deployments if x.provider == prov and x.model == upstream), None)
+        provider = rt.providers.get(prov)
+        if dep is None or provider is None:
+            raise ValueError(f"deployment {prov}/{upstream} is not in this node's config")
+        translation = None if op in provider.operations else find_translation(op, provider.operations)
+        reply = JsonReply(orjson.loads(raw), Usage(*usage), raw if exact else None)
+        return Dispatched(reply, dep, provider, translation, time.perf_counter(), dict(headers), attempts, seconds)
+
+    return Codec(encode, decode)
 
 
 def _gave_up(exc: HapaxError, trail: list[tuple[str, str, int]], t_first: float) -> HapaxError:

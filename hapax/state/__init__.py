@@ -8,7 +8,8 @@ and the ``on_redis_failure`` policy around Redis. ``node`` builds one and hands
 it to the core.
 
 Routing's seams: ``Slots`` (concurrency slots and the priority queue; ``SlotGate``
-in memory, ``RedisSlots`` shared) and ``InFlight`` (in-flight dedup). ``node``
+in memory, ``RedisSlots`` shared) and ``InFlight`` (in-flight dedup;
+``MemoryInFlight``, ``RedisInFlight``). ``node``
 builds the backends and hands them to the core.
 """
 
@@ -25,7 +26,8 @@ from ._base import (
 )
 from ._budget import BudgetDenied, BudgetGrant, BudgetLedger, BudgetScope, day_of, month_of, seconds_to_period_end
 from ._bus import Bus
-from ._dedup import InFlight, MemoryInFlight, dedup_key
+from ._dedup import Codec, InFlight, MemoryInFlight, dedup_key
+from ._dedup_redis import DEDUP_LUA, RedisInFlight
 from ._failover import DEFAULT_RETRY_INTERVAL, FailoverState
 from ._memory import MemoryState
 from ._ratelimit import RateDenied, RateGrant, RateLimiter, Scope, TokenBucket, format_duration, tightest_headers
@@ -35,6 +37,7 @@ from ._slots import GLOBAL, Alternatives, Overloaded, QueueFull, Slot, SlotGate,
 from ._slots_redis import SLOTS_LUA, RedisSlots
 
 __all__ = [
+    "DEDUP_LUA",
     "DEFAULT_LEASE_SECONDS",
     "DEFAULT_RETRY_INTERVAL",
     "DONE",
@@ -48,6 +51,7 @@ __all__ = [
     "BudgetLedger",
     "BudgetScope",
     "Bus",
+    "Codec",
     "FailoverState",
     "FailurePolicy",
     "Grant",
@@ -61,6 +65,7 @@ __all__ = [
     "RateLimiter",
     "RateView",
     "RedisBreaker",
+    "RedisInFlight",
     "RedisSlots",
     "RedisState",
     "RedisUnavailable",

@@ -18,8 +18,10 @@ later identical request makes a fresh call: this is deduplication, not a cache.
 Only non-streaming calls are merged: a stream is consumed once, and fanning it
 out to late joiners would need buffering the gateway promises not to do.
 
-The state contract (DESIGN §4) is ``InFlight.run``. A Redis backend would elect
-the leader with ``SET key NX PX`` and publish the result on a channel.
+The state contract (DESIGN §4) is ``InFlight.run``. ``RedisInFlight``
+(``_dedup_redis``) merges identical requests across processes too: it elects one
+leader per key in the cluster and publishes its result, encoded by the caller's
+``Codec``, to the processes that wait for it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -45,10 +47,34 @@ def dedup_key(principal: str, model: str, op: str, body: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class Codec(Generic[T]):
+    """How a result crosses processes: ``encode`` it (``None``: it cannot be shared), ``decode`` it.
+
+    ``decode`` raises ``ValueError`` when this process cannot use the result (a
+    deployment its config does not name); the caller then makes the call itself.
+    """
+
+    encode: Callable[[T], bytes | None]
+    decode: Callable[[bytes], T]
+
+
 class InFlight(ABC):
     @abstractmethod
-    async def run(self, key: str, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
-        """Run ``call`` once per key at a time; returns (result, shared with a leader?)."""
+    async def run(
+        self, key: str, call: Callable[[], Awaitable[T]], codec: Codec[T] | None = None
+    ) -> tuple[T, bool]:
+        """Run ``call`` once per key at a time; returns (result, shared with a leader?).
+
+        A backend shared across processes uses ``codec`` to hand the result over;
+        without one, it merges only within the process.
+        """
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Start background work (lease renewal); call once the event loop runs."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work."""
 
 
 class _LeaderLeft(Exception):
@@ -69,7 +95,9 @@ class MemoryInFlight(InFlight):
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def run(self, key: str, call: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
+    async def run(
+        self, key: str, call: Callable[[], Awaitable[T]], codec: Codec[T] | None = None
+    ) -> tuple[T, bool]:
         while True:
             entry = self._entries.get(key)
             if entry is None:

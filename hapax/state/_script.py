@@ -36,7 +36,8 @@ class Script:
         self.timeout = timeout
 
     async def call(self, op: list[Any]) -> Any:
-        packed = msgpack.packb([op])
+        # Lua's cmsgpack knows no bin type: bytes go as raw strings, as Lua holds them.
+        packed = msgpack.packb([op], use_bin_type=False)
         try:
             async with asyncio.timeout(self.timeout):
                 try:

@@ -1,0 +1,215 @@
+"""In-flight dedup across processes: identical concurrent requests on any node share one call.
+
+Theory of operation: within a process, identical requests meet in a
+``MemoryInFlight`` first, so only one of them (the local leader) talks to Redis.
+It asks to lead the key for the cluster (``JOIN``: ``SET …:dd:l:<key> <node> NX
+PX lease``). If it wins, it makes the call, renewing that lease every third of
+``lease_seconds`` while the call runs, and when the call is done ``FINISH``
+publishes the result, encoded by the caller's ``Codec``, on the channel of every
+process that joined as a follower (``…:dd:f:<key>``, a set of process ids), and
+drops the lease. If it loses, it joins the followers and waits for that message.
+
+A follower never waits on a dead leader for long: its wait is bounded by one
+lease, after which it asks again; a leader that died (SIGKILL) stopped renewing,
+its lease is gone, and the follower leads and makes the call itself. A leader
+whose call fails, or was cancelled (its client hung up), publishes no result:
+followers make the call themselves (the rare cost of a second upstream call, as
+in the memory backend). Only the result crosses Redis, never the error: a
+follower's own attempt reports its own.
+
+Dedup is an optimisation, never a limit: with Redis unreachable (the shared
+``RedisBreaker`` open, or a call failing) every process merges only its own
+requests, whatever ``on_redis_failure`` says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgpack
+
+from ._bus import Bus
+from ._dedup import Codec, InFlight, MemoryInFlight
+from ._script import RedisBreaker, RedisUnavailable, Script
+
+log = logging.getLogger("hapax.state")
+
+T = TypeVar("T")
+
+_JOIN, _FINISH, _RENEW = 1, 2, 3
+
+DEDUP_LUA = r"""
+local ops = cmsgpack.unpack(ARGV[1])
+local out = {}
+for _, op in ipairs(ops) do
+  local code, p, node = op[1], op[2], op[3]
+  if code == 1 then
+    -- {1, p, node, key, lease_ms}: 1 lead, 0 follow
+    local l, f = p .. ':dd:l:' .. op[4], p .. ':dd:f:' .. op[4]
+    if redis.call('SET', l, node, 'NX', 'PX', op[5]) then
+      out[#out + 1] = 1
+    else
+      redis.call('SADD', f, node)
+      redis.call('PEXPIRE', f, op[5])
+      out[#out + 1] = 0
+    end
+  elseif code == 2 then
+    -- {2, p, node, key, result or nil}: tell every follower; end the lease if still ours
+    local l, f = p .. ':dd:l:' .. op[4], p .. ':dd:f:' .. op[4]
+    local msg = cmsgpack.pack({op[4], op[5]})
+    local n = 0
+    for _, peer in ipairs(redis.call('SMEMBERS', f)) do
+      redis.call('PUBLISH', p .. ':dd:wake:' .. peer, msg)
+      n = n + 1
+    end
+    redis.call('DEL', f)
+    if redis.call('GET', l) == node then redis.call('DEL', l) end
+    out[#out + 1] = n
+  else
+    -- {3, p, node, lease_ms, keys}: renew the leases this process still holds
+    for _, key in ipairs(op[5]) do
+      local l = p .. ':dd:l:' .. key
+      if redis.call('GET', l) == node then redis.call('PEXPIRE', l, op[4]) end
+    end
+    out[#out + 1] = 0
+  end
+end
+return cmsgpack.pack(out)
+"""
+
+
+class RedisInFlight(InFlight):
+    def __init__(
+        self,
+        script: Script,
+        bus: Bus,
+        breaker: RedisBreaker,
+        *,
+        key_prefix: str = "hapax",
+        cluster: str = "hapax",
+        lease_seconds: float = 30.0,
+    ) -> None:
+        self.script = script
+        self.breaker = breaker
+        self.prefix = f"{key_prefix}:{cluster}"
+        self.node = os.urandom(6).hex()
+        self.lease_seconds = lease_seconds
+        self._lease_ms = max(1, int(lease_seconds * 1000))
+        self.local = MemoryInFlight()
+        #: Keys this process leads for the cluster (leases renewed) and keys it follows.
+        self._leading: set[str] = set()
+        self._following: dict[str, asyncio.Future[bytes | None]] = {}
+        self._renewer: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Calls answered by another process's leader (tests, logs).
+        self.shared_across = 0
+        bus.listen(f"{self.prefix}:dd:wake:{self.node}", self._on_result)
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    async def run(
+        self, key: str, call: Callable[[], Awaitable[T]], codec: Codec[T] | None = None
+    ) -> tuple[T, bool]:
+        if codec is None:
+            return await self.local.run(key, call)
+        (result, remote), local = await self.local.run(key, lambda: self._cluster(key, call, codec))
+        return result, remote or local
+
+    async def _cluster(self, key: str, call: Callable[[], Awaitable[T]], codec: Codec[T]) -> tuple[T, bool]:
+        """One process's pass for ``key``: lead it for the cluster, or wait for whoever does."""
+        while True:
+            if not self.breaker.allow():
+                return await call(), False
+            fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+            # Registered before joining: the leader may finish before the join's reply is read.
+            self._following[key] = fut
+            try:
+                lead = await self.script.call([_JOIN, self.prefix, self.node, key, self._lease_ms])
+            except RedisUnavailable as exc:
+                self._following.pop(key, None)
+                self.breaker.failed(exc)
+                return await call(), False
+            except BaseException:
+                self._following.pop(key, None)
+                raise
+            self.breaker.ok()
+            if lead == 1:
+                self._following.pop(key, None)
+                return await self._lead(key, call, codec), False
+            try:
+                async with asyncio.timeout(self.lease_seconds):
+                    blob = await fut
+            except TimeoutError:
+                continue  # the leader may be dead: ask again (its lease expired, or we follow on)
+            finally:
+                self._following.pop(key, None)
+            if blob is None:
+                return await call(), False  # the leader's call failed or was abandoned
+            try:
+                result = codec.decode(blob)
+            except ValueError:
+                return await call(), False
+            self.shared_across += 1
+            return result, True
+
+    async def _lead(self, key: str, call: Callable[[], Awaitable[T]], codec: Codec[T]) -> T:
+        self._leading.add(key)
+        blob: bytes | None = None
+        try:
+            result = await call()
+            blob = codec.encode(result)
+            return result
+        finally:
+            self._leading.discard(key)
+            # Committed here, awaited by nobody: followers must hear even if our client left.
+            self._spawn(self._finish(key, blob))
+
+    async def _finish(self, key: str, blob: bytes | None) -> None:
+        try:
+            await self.script.call([_FINISH, self.prefix, self.node, key, blob])
+        except RedisUnavailable as exc:
+            self.breaker.failed(exc)  # followers time out and call themselves; the lease expires
+
+    def _on_result(self, data: bytes) -> None:
+        # raw: the result is bytes, which Lua hands on as a string of any bytes.
+        key, blob = msgpack.unpackb(data, raw=True)
+        fut = self._following.get(key.decode())
+        if fut is not None and not fut.done():
+            fut.set_result(blob)
+
+    # -- leases ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self.script.load()
+        except RedisUnavailable as exc:
+            log.warning("redis not reachable at start-up for dedup: %s", exc)
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever(), name="hapax-dedup-leases")
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            if self._leading:
+                try:
+                    await self.script.call([_RENEW, self.prefix, self.node, self._lease_ms, list(self._leading)])
+                except RedisUnavailable as exc:
+                    self.breaker.failed(exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+            self._renewer = None
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
