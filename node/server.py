@@ -242,6 +242,7 @@ class Node:
             metrics=metrics,
             slots=self.shared.slots if self.shared else None,
             in_flight=self.shared.dedup if self.shared else None,
+            health_news=self.shared.health if self.shared else None,
         )
         self.gateway = Gateway(
             source.current if source is not None else config,

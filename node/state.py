@@ -19,7 +19,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from hapax import Config, GatewayMetrics
-from hapax.state import DEDUP_LUA, SLOTS_LUA, Bus, RedisBreaker, RedisInFlight, RedisSlots, Script
+from hapax.state import (
+    DEDUP_LUA,
+    HEALTH_LUA,
+    SLOTS_LUA,
+    Bus,
+    RedisBreaker,
+    RedisHealthNews,
+    RedisInFlight,
+    RedisSlots,
+    Script,
+)
 
 #: Seconds between probes of a Redis found down (as the access state's breaker).
 RETRY_INTERVAL = 1.0
@@ -72,15 +82,21 @@ class RoutingState:
             Script(self.client, DEDUP_LUA, timeout=r.timeout), self.bus, self.breaker,
             key_prefix=r.key_prefix, cluster=st.cluster, lease_seconds=st.lease_seconds,
         )
+        self.health = RedisHealthNews(
+            Script(self.client, HEALTH_LUA, timeout=r.timeout), self.bus, self.breaker,
+            key_prefix=r.key_prefix, cluster=st.cluster,
+        )
 
     async def start(self) -> None:
         await self.bus.start()
         await self.slots.start()
         await self.dedup.start()
+        await self.health.start()
 
     async def aclose(self) -> None:
         await self.slots.aclose()
         await self.dedup.aclose()
+        await self.health.aclose()
         await self.bus.aclose()
         await self.client.aclose()
 

@@ -17,6 +17,9 @@ state only through ``TRANSITIONS``; anything else raises ``BreakerStateError``
   HALF_OPEN at once (``probe_up``), so real traffic confirms the recovery.
 - A 429 with Retry-After is not a failure: the deployment is fine, just busy.
   ``cool_down`` makes it unavailable until then, whatever the state.
+- Peers feed it too (nodes sharing health through Redis): another node's breaker
+  that opened opens this one for the time it has left (``peer_open``); a peer's
+  open never travels on, so news does not echo between nodes.
 
 Every ``acquire`` that says yes returns a ``Permit`` stamped with the breaker's
 epoch, which bumps on each transition; an outcome reported on a permit from an
@@ -53,6 +56,7 @@ class Trigger(Enum):
     TRIALS_PASSED = "trials_passed"
     PROBE_DOWN = "probe_down"
     PROBE_UP = "probe_up"
+    PEER_OPEN = "peer_open"
 
 
 _C, _O, _H = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
@@ -66,7 +70,12 @@ TRANSITIONS: dict[tuple[BreakerState, Trigger], BreakerState] = {
     (_H, Trigger.TRIAL_FAILED): _O,
     (_H, Trigger.TRIALS_PASSED): _C,
     (_H, Trigger.PROBE_DOWN): _O,
+    (_C, Trigger.PEER_OPEN): _O,
+    (_H, Trigger.PEER_OPEN): _O,
 }
+
+#: Transitions a node tells its peers about: its own verdicts that a deployment is down.
+SHARED_OPENS = frozenset({Trigger.TRIPPED, Trigger.TRIAL_FAILED})
 
 #: Numeric form for the state gauge.
 STATE_VALUE = {_C: 0, _H: 1, _O: 2}
@@ -189,6 +198,15 @@ class CircuitBreaker:
     def cool_down(self, seconds: float, *, now: float) -> None:
         until = now + min(seconds, self.config.max_cooldown)
         self.cooling_until = max(self.cooling_until, until)
+
+    def peer_open(self, seconds: float, *, now: float) -> None:
+        """Another node opened its breaker for this deployment, ``seconds`` ago left to run."""
+        until = now + min(seconds, self.config.open_for)
+        if self.state is _O:
+            self.opened_until = max(self.opened_until, until)
+            return
+        self._go(Trigger.PEER_OPEN, now)
+        self.opened_until = until
 
     def probe_down(self, *, now: float) -> None:
         self._go(Trigger.PROBE_DOWN, now)

@@ -69,7 +69,20 @@ from ..providers import (
     StreamReply,
     has_provider_headers,
 )
-from ..state import GLOBAL, Codec, InFlight, MemoryInFlight, Slot, SlotGate, Slots, dedup_key, overload_error
+from ..state import (
+    GLOBAL,
+    Codec,
+    HealthNews,
+    HealthNewsBus,
+    InFlight,
+    LocalHealthNews,
+    MemoryInFlight,
+    Slot,
+    SlotGate,
+    Slots,
+    dedup_key,
+    overload_error,
+)
 from ._balancer import Strategy, ewma
 from ._breaker import Permit
 from ._health import HealthStore, MemoryHealthStore, Prober
@@ -109,6 +122,7 @@ class Dispatcher(HealthReport):
         health: HealthStore | None = None,
         in_flight: InFlight | None = None,
         slots: Slots | None = None,
+        health_news: HealthNewsBus | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -120,6 +134,8 @@ class Dispatcher(HealthReport):
         m = self.metrics
         self.gate = slots if slots is not None else SlotGate(queue_size=0, clock=clock)
         self.gate.attach(on_wait=m.queue_wait.observe, on_reject=m.queue_rejections.inc)
+        self.news = health_news if health_news is not None else LocalHealthNews()
+        self.news.on_news = self._on_news
         self._generation = 0
         self._strategies: dict[str, Strategy] = {}
         self._prober: Prober | None = None
@@ -331,8 +347,9 @@ class Dispatcher(HealthReport):
             # Busy, not broken: cool down for as long as asked, count no failure.
             if exc.retry_after:
                 breaker.cool_down(exc.retry_after, now=now)
-                log.info("deployment cooling down", extra={"fields": {
-                    "deployment": c.key, "seconds": min(exc.retry_after, breaker.config.max_cooldown)}})
+                seconds = min(exc.retry_after, breaker.config.max_cooldown)
+                log.info("deployment cooling down", extra={"fields": {"deployment": c.key, "seconds": seconds}})
+                self.news.tell(HealthNews("cooldown", c.key, seconds))
             breaker.on_abandoned(permit, now=now)
         elif isinstance(exc, UpstreamError) and exc.retryable:
             breaker.on_failure(permit, now=now)

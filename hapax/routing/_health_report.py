@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ._breaker import STATE_VALUE, BreakerState
+from ..state import HealthNews, HealthNewsBus
+from ._breaker import SHARED_OPENS, STATE_VALUE, BreakerState
 from ._health import DeploymentHealth, ProbeStatus
 from ._table import Routes
 
@@ -17,10 +18,15 @@ log = logging.getLogger("hapax.dispatch")
 
 
 class HealthReport(Routes):
-    """The reporting half of ``Dispatcher``."""
+    """The reporting half of ``Dispatcher``: and what this node tells its peers, and hears from them."""
+
+    # Set by ``Dispatcher.__init__``.
+    news: HealthNewsBus
 
     def _flush(self, h: DeploymentHealth) -> None:
         for t in h.breaker.take_events():
+            if t.trigger in SHARED_OPENS:
+                self.news.tell(HealthNews("open", h.key, max(0.0, h.breaker.opened_until - t.at)))
             label = self.metrics.deployments(h.key)
             self.metrics.circuit_transitions.inc(label, t.new.value)
             level = logging.WARNING if t.new is BreakerState.OPEN else logging.INFO
@@ -39,12 +45,39 @@ class HealthReport(Routes):
             return
         log.log(logging.WARNING if new is ProbeStatus.UNHEALTHY else logging.INFO,
                 "provider " + new.value, extra={"fields": {"provider": provider, "error": error}})
-        for h in ph.deployments:
+        self.news.tell(HealthNews("probe", provider, status=new.value))
+        self._probe_changed(ph.deployments, new, now)
+
+    def _probe_changed(self, deployments: list[DeploymentHealth], new: ProbeStatus, now: float) -> None:
+        for h in deployments:
             if new is ProbeStatus.UNHEALTHY:
                 h.breaker.probe_down(now=now)
             else:
                 h.breaker.probe_up(now=now)
             self._flush(h)
+
+    def _on_news(self, news: HealthNews) -> None:
+        """A peer's news: applied to this node's own view (never told on)."""
+        now = self._clock()
+        if news.kind == "probe":
+            ph = next((p for p in self.health.providers() if p.name == news.target), None)
+            if ph is None or ph.tracker is None or ph.tracker.status.value == news.status:
+                return
+            new = ProbeStatus(news.status)
+            ph.tracker.status = new
+            log.info("provider " + new.value + " (a peer's probe)", extra={"fields": {"provider": news.target}})
+            self._probe_changed(ph.deployments, new, now)
+            return
+        h = next((d for d in self.health.deployments() if d.key == news.target), None)
+        if h is None:
+            return  # a deployment this node's config does not name
+        if news.kind == "open":
+            h.breaker.peer_open(news.seconds, now=now)
+            self._flush(h)
+        else:
+            h.breaker.cool_down(news.seconds, now=now)
+            log.info("deployment cooling down (a peer's 429)", extra={"fields": {
+                "deployment": h.key, "seconds": round(news.seconds, 3)}})
 
     def _collect(self) -> None:
         m = self.metrics

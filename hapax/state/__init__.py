@@ -9,7 +9,9 @@ it to the core.
 
 Routing's seams: ``Slots`` (concurrency slots and the priority queue; ``SlotGate``
 in memory, ``RedisSlots`` shared) and ``InFlight`` (in-flight dedup;
-``MemoryInFlight``, ``RedisInFlight``). ``node``
+``MemoryInFlight``, ``RedisInFlight``) and ``HealthNewsBus`` (breaker opens,
+429 cool-downs and probe verdicts told to peers; ``LocalHealthNews``,
+``RedisHealthNews``). ``node``
 builds the backends and hands them to the core.
 """
 
@@ -29,6 +31,8 @@ from ._bus import Bus
 from ._dedup import Codec, InFlight, MemoryInFlight, dedup_key
 from ._dedup_redis import DEDUP_LUA, RedisInFlight
 from ._failover import DEFAULT_RETRY_INTERVAL, FailoverState
+from ._health import HealthNews, HealthNewsBus, LocalHealthNews, NewsKind
+from ._health_redis import HEALTH_LUA, RedisHealthNews
 from ._memory import MemoryState
 from ._ratelimit import RateDenied, RateGrant, RateLimiter, Scope, TokenBucket, format_duration, tightest_headers
 from ._redis import DEFAULT_LEASE_SECONDS, RedisState
@@ -42,6 +46,7 @@ __all__ = [
     "DEFAULT_RETRY_INTERVAL",
     "DONE",
     "GLOBAL",
+    "HEALTH_LUA",
     "SLOTS_LUA",
     "AccessState",
     "Alternatives",
@@ -55,9 +60,13 @@ __all__ = [
     "FailoverState",
     "FailurePolicy",
     "Grant",
+    "HealthNews",
+    "HealthNewsBus",
     "InFlight",
+    "LocalHealthNews",
     "MemoryInFlight",
     "MemoryState",
+    "NewsKind",
     "Overloaded",
     "QueueFull",
     "RateDenied",
@@ -65,6 +74,7 @@ __all__ = [
     "RateLimiter",
     "RateView",
     "RedisBreaker",
+    "RedisHealthNews",
     "RedisInFlight",
     "RedisSlots",
     "RedisState",
