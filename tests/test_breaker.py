@@ -152,3 +152,21 @@ def test_permit_is_frozen() -> None:
     p = Permit(0, trial=False)
     with pytest.raises(AttributeError):
         p.epoch = 3  # type: ignore[misc]
+
+
+def test_a_peers_open_opens_for_the_time_it_has_left_and_is_not_shared_again() -> None:
+    from hapax.routing._breaker import SHARED_OPENS
+
+    b = CircuitBreaker(BreakerConfig(open_for=30))
+    b.peer_open(12.0, now=100.0)
+    assert b.state is OPEN and b.opened_until == 112.0
+    [t] = b.take_events()
+    assert t.trigger is Trigger.PEER_OPEN and t.trigger not in SHARED_OPENS
+    b.peer_open(20.0, now=101.0)  # already open: the later end wins, no new transition
+    assert b.opened_until == 121.0 and b.take_events() == []
+    b.peer_open(500.0, now=102.0)  # never longer than this node's own open_for
+    assert b.opened_until == 132.0
+    b.poll(now=132.0)
+    assert b.state is H  # and it recovers by its own trials, as any open breaker
+    _fail(b, 132.0)
+    assert b.state is OPEN and b.take_events()[-1].trigger in SHARED_OPENS
