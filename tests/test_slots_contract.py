@@ -212,3 +212,22 @@ async def test_redis_down_fail_open_uses_local_slots_and_fail_closed_refuses(mak
     with pytest.raises(HapaxError) as e2:
         await closed.acquire([G], priority=5, timeout=1, overloaded=err)
     assert e2.value.code == "state_unavailable" and e2.value.status == 429
+
+
+async def test_200_concurrent_acquires_against_a_limit_of_50_take_exactly_50(make: Make) -> None:
+    gate = await make(queue_size=0, limits={GLOBAL: 50})
+
+    async def one() -> Slot | str:
+        try:
+            return await gate.acquire([G], priority=5, timeout=1, overloaded=err)
+        except HapaxError as exc:
+            return exc.code
+
+    results = await asyncio.gather(*(one() for _ in range(200)))
+    slots = [r for r in results if isinstance(r, Slot)]
+    assert len(slots) == 50 and results.count("queue_full") == 150
+    if isinstance(gate, RedisSlots):
+        # Coalesced: the operations of one loop iteration went out as one script call.
+        assert gate.script.round_trips < gate.script.operations / 10
+    for s in slots:
+        s.release()

@@ -1,7 +1,7 @@
 """One Lua script called by SHA, every call bounded by a timeout.
 
-The routing seams (slots, dedup, health) send one operation per call, in the
-same convention as the access state's scripts: ``ARGV[1]`` is a msgpack list of
+The routing seams (slots, dedup, health) queue operations, in the same
+convention as the access state's scripts: ``ARGV[1]`` is a msgpack list of
 operations, the reply a msgpack list of their results. A ``NOSCRIPT`` reply (a
 restarted or flushed Redis) loads the script again and sends once more.
 
@@ -29,15 +29,70 @@ class RedisUnavailable(Exception):
 
 
 class Script:
+    """Calls of one script, coalesced: the operations of one loop iteration go in one ``EVALSHA``.
+
+    One awaited redis-py call costs ~120 µs of client CPU, and a node under load
+    makes many at once (/work/shared/notes/redis-client-cost.md). ``call`` queues its
+    operation; the queue leaves at the end of the loop iteration as one call whose
+    ``ARGV[1]`` is the list of operations, each caller getting its own result. While
+    a call is on the wire the next batch gathers, and leaves when it returns.
+    """
+
     def __init__(self, client: Redis, source: str, *, timeout: float) -> None:
         self.client = client
         self._source = source.encode()
         self.sha = hashlib.sha1(self._source).hexdigest()
         self.timeout = timeout
+        self._pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
+        self._scheduled = False
+        self._sending = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Round trips and operations sent (tests, the benchmark).
+        self.round_trips = 0
+        self.operations = 0
 
-    async def call(self, op: list[Any]) -> Any:
+    def call(self, op: list[Any]) -> asyncio.Future[Any]:
+        """Queue ``op``; the future gets its result, or ``RedisUnavailable``."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((op, fut))
+        if not self._scheduled and not self._sending:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._sending or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._sending = True
+        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+        try:
+            try:
+                results = await self._round_trip([op for op, _ in batch])
+            except RedisUnavailable as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                return
+            for (_, fut), res in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(res)
+        finally:
+            self._sending = False
+            if self._pending:
+                self._flush()
+
+    async def _round_trip(self, ops: list[list[Any]]) -> list[Any]:
         # Lua's cmsgpack knows no bin type: bytes go as raw strings, as Lua holds them.
-        packed = msgpack.packb([op], use_bin_type=False)
+        packed = msgpack.packb(ops, use_bin_type=False)
+        self.round_trips += 1
+        self.operations += len(ops)
         try:
             async with asyncio.timeout(self.timeout):
                 try:
@@ -47,7 +102,7 @@ class Script:
                     raw = await self.client.evalsha(self.sha, 0, packed)
         except (RedisError, OSError, TimeoutError) as exc:
             raise RedisUnavailable(f"redis: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")) from exc
-        return msgpack.unpackb(raw, raw=False)[0]
+        return list(msgpack.unpackb(raw, raw=False))
 
     async def load(self) -> None:
         try:
@@ -55,6 +110,11 @@ class Script:
                 await self.client.script_load(self._source)
         except (RedisError, OSError, TimeoutError) as exc:
             raise RedisUnavailable(f"redis: {type(exc).__name__}") from exc
+
+    async def aclose(self) -> None:
+        """Wait for calls on the wire (each bounded by the timeout)."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
 
 class RedisBreaker:

@@ -129,6 +129,7 @@ end
 for _, op in ipairs(ops) do
   local code, p = op[1], op[2]
   local grants = {}
+  freed = false
   if code == 1 then
     -- {1, p, id, node, lease, priority, queue_size, alts}
     local id, node, lease, prio, qsize, alts = op[3], op[4], op[5], op[6], op[7], op[8]
