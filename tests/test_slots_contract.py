@@ -231,3 +231,18 @@ async def test_200_concurrent_acquires_against_a_limit_of_50_take_exactly_50(mak
         assert gate.script.round_trips < gate.script.operations / 10
     for s in slots:
         s.release()
+
+
+async def test_a_release_and_a_newcomer_together_the_queued_waiter_goes_first(make: Make) -> None:
+    gate = await make()
+    held = await gate.acquire([G], priority=5, timeout=1, overloaded=err)
+    waiter = asyncio.create_task(gate.acquire([G], priority=0, timeout=10, overloaded=err))
+    await queued([gate], 1)
+    # In one loop iteration: the slot goes back and a newcomer asks (one Redis batch).
+    held.release()
+    newcomer = asyncio.create_task(gate.acquire([G], priority=9, timeout=10, overloaded=err))
+    first = await asyncio.wait_for(waiter, 10)
+    await queued([gate], 1)  # the newcomer waits: the slot was the queued waiter's
+    assert not newcomer.done()
+    first.release()
+    (await asyncio.wait_for(newcomer, 10)).release()

@@ -200,6 +200,8 @@ class RedisInFlight(InFlight):
                     await self.script.call([_RENEW, self.prefix, self.node, self._lease_ms, list(self._leading)])
                 except RedisUnavailable as exc:
                     self.breaker.failed(exc)
+                except Exception:  # renewal must outlive any one bad round
+                    log.exception("dedup lease renewal failed")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

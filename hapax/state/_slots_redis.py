@@ -69,11 +69,17 @@ local function count(p, key)
   return redis.call('ZCARD', k)
 end
 
+-- Keys found full during one grant pass: taking slots only fills keys, so they stay full.
+local full = nil
 local function fits(p, alts)
   for i, alt in ipairs(alts) do
     local ok = true
     for _, kl in ipairs(alt) do
-      if count(p, kl[1]) >= kl[2] then ok = false; break end
+      if full and full[kl[1]] then ok = false; break end
+      if count(p, kl[1]) >= kl[2] then
+        if full then full[kl[1]] = true end
+        ok = false; break
+      end
     end
     if ok then return i end
   end
@@ -92,6 +98,7 @@ end
 local function grant_pass(p, grants)
   local q, w = p .. ':sl:q', p .. ':sl:w'
   local members = redis.call('ZRANGE', q, 0, -1)
+  full = {}
   for _, m in ipairs(members) do
     local wid = string.sub(m, 18)
     local raw = redis.call('HGET', w, wid)
@@ -113,6 +120,7 @@ local function grant_pass(p, grants)
       end
     end
   end
+  full = nil
 end
 
 local function sweep_queue(p)
@@ -126,10 +134,21 @@ local function sweep_queue(p)
   end
 end
 
+-- Releases of one batch share one grant pass, run before the batch's next acquire (so a
+-- newcomer never takes a slot a queued waiter could have had) or at its end.
+local dirty, dirty_p, dirty_out = false, nil, nil
+local function settle_releases()
+  if dirty then
+    grant_pass(dirty_p, dirty_out)
+    dirty = false
+  end
+end
+
 for _, op in ipairs(ops) do
   local code, p = op[1], op[2]
   local grants = {}
   freed = false
+  if code ~= 2 then settle_releases() end
   if code == 1 then
     -- {1, p, id, node, lease, priority, queue_size, alts}
     local id, node, lease, prio, qsize, alts = op[3], op[4], op[5], op[6], op[7], op[8]
@@ -158,7 +177,9 @@ for _, op in ipairs(ops) do
   elseif code == 2 then
     -- {2, p, id, keys}
     for _, key in ipairs(op[4]) do redis.call('ZREM', p .. ':sl:h:' .. key, op[3]) end
-    grant_pass(p, grants)
+    if dirty and dirty_p ~= p then settle_releases() end
+    -- The grants of the shared pass are reported with the last release that ran it.
+    dirty, dirty_p, dirty_out = true, p, grants
     out[#out + 1] = {grants}
   elseif code == 3 then
     -- {3, p, id}: 0 taken out of the queue; 1 it was granted meanwhile (index); -1 unknown
@@ -209,6 +230,7 @@ for _, op in ipairs(ops) do
     out[#out + 1] = {lost, got, grants}
   end
 end
+settle_releases()
 return cmsgpack.pack(out)
 """
 
@@ -438,7 +460,10 @@ class RedisSlots(Slots):
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            await self.renew()
+            try:
+                await self.renew()
+            except Exception:  # renewal must outlive any one bad round
+                log.exception("slot lease renewal failed")
 
     def _reconcile(self) -> None:
         if self._waiters or self._held:
@@ -456,7 +481,7 @@ class RedisSlots(Slots):
         self.breaker.ok()
         for wid in lost:
             if self._held.pop(wid, None) is not None:
-                log.warning("a concurrency slot's lease expired before renewal (a stalled loop?)")
+                log.warning("a concurrency slot's lease was gone at renewal (Redis restarted, or a stalled loop)")
         for wid, idx in got:
             self._grant(wid, int(idx))
         self._wake(grants)
