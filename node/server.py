@@ -44,7 +44,7 @@ from hapax.state import AccessState, FailoverState, MemoryState, RedisState
 from . import limits, logs
 from .config_watch import FileConfigSource
 from .protocol import SERVER_HEADER, GuardedHandler, Listener
-from .state import Degraded, RoutingState
+from .state import RoutingState
 from .upstream import transport_factory
 
 log = logging.getLogger("hapax.node")
@@ -236,8 +236,8 @@ class Node:
         metrics = GatewayMetrics()
         # Slots, dedup and health shared through Redis when state.redis.url is set.
         self.shared: RoutingState | None = None
-        if config.state.redis.url is not None:
-            self.shared = RoutingState(config, Degraded(metrics))
+        if isinstance(state, FailoverState):
+            self.shared = RoutingState(config, state)
         dispatcher = Dispatcher(
             metrics=metrics,
             slots=self.shared.slots if self.shared else None,
@@ -326,9 +326,10 @@ class Node:
             while self.front.open_streams and time.monotonic() < cut_deadline:
                 await asyncio.sleep(0.02)
         await self._runner.cleanup()
-        await self.gateway.aclose()
         if self.shared is not None:
+            # Before the access state closes the Redis client they share.
             await self.shared.aclose()
+        await self.gateway.aclose()
         log.info("stopped", extra={"fields": {"abandoned_requests": left}})
 
     async def _watch_fds(self) -> None:

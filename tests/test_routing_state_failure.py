@@ -86,7 +86,7 @@ def test_redis_stopped_and_started_again_under_shared_slots(
         assert err["code"] == "state_unavailable" and err["param"] == "state.on_redis_failure"
         assert "Redis" in err["message"] and int(r.headers["retry-after"]) >= 1
     assert _degraded(a) == 1
-    assert "redis unavailable for routing state" in a.logs()
+    assert a.logs().count("redis unavailable") == 1  # one breaker per node, one line
     _recovers(a, b, own_redis)
-    assert "redis reachable again" in a.logs()
+    assert a.logs().count("redis reachable again") == 1
     _shared(a, b, up)  # the one slot is the cluster's again

@@ -8,11 +8,12 @@ and the ``on_redis_failure`` policy around Redis. ``node`` builds one and hands
 it to the core.
 
 Routing's seams: ``Slots`` (concurrency slots and the priority queue; ``SlotGate``
-in memory, ``RedisSlots`` shared) and ``InFlight`` (in-flight dedup;
+in memory, ``RedisSlots`` shared), ``InFlight`` (in-flight dedup;
 ``MemoryInFlight``, ``RedisInFlight``) and ``HealthNewsBus`` (breaker opens,
 429 cool-downs and probe verdicts told to peers; ``LocalHealthNews``,
-``RedisHealthNews``). ``node``
-builds the backends and hands them to the core.
+``RedisHealthNews``). Their Redis backends share one breaker (under ``node`` the
+access state's, ``AccessStateBreaker``), one pub/sub ``Bus`` per process, and a
+``Script`` per Lua script.
 """
 
 from ._base import (
@@ -36,7 +37,7 @@ from ._health_redis import HEALTH_LUA, RedisHealthNews
 from ._memory import MemoryState
 from ._ratelimit import RateDenied, RateGrant, RateLimiter, Scope, TokenBucket, format_duration, tightest_headers
 from ._redis import DEFAULT_LEASE_SECONDS, RedisState
-from ._script import RedisBreaker, RedisUnavailable, Script
+from ._script import AccessStateBreaker, RedisBreaker, RedisUnavailable, Script
 from ._slots import GLOBAL, Alternatives, Overloaded, QueueFull, Slot, SlotGate, Slots, SlotTable, overload_error
 from ._slots_redis import SLOTS_LUA, RedisSlots
 
@@ -49,6 +50,7 @@ __all__ = [
     "HEALTH_LUA",
     "SLOTS_LUA",
     "AccessState",
+    "AccessStateBreaker",
     "Alternatives",
     "Ask",
     "BudgetDenied",

@@ -21,10 +21,13 @@ import msgpack
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
+from ._base import StateUnavailable
+from ._failover import FailoverState
+
 log = logging.getLogger("hapax.state")
 
 
-class RedisUnavailable(Exception):
+class RedisUnavailable(StateUnavailable):
     """Redis did not answer in time, or refused; shared routing state falls back to local."""
 
 
@@ -36,6 +39,11 @@ class Script:
     operation; the queue leaves at the end of the loop iteration as one call whose
     ``ARGV[1]`` is the list of operations, each caller getting its own result. While
     a call is on the wire the next batch gathers, and leaves when it returns.
+
+    The access state's ``Batcher`` (``_batch``) does the same over a pipeline of its
+    scripts; the routing seams keep their own because their operations carry bytes
+    (a dedup result), which must go as msgpack raw strings (``use_bin_type=False``):
+    Redis's Lua ``cmsgpack`` rejects the bin type that ``Batcher`` packs bytes as.
     """
 
     def __init__(self, client: Redis, source: str, *, timeout: float) -> None:
@@ -120,23 +128,29 @@ class Script:
 class RedisBreaker:
     """Whether the routing seams should try Redis now: one breaker shared by slots, dedup and health.
 
-    Closed while Redis answers. The first failure opens it (``on_change(True)``,
-    one warning) and for ``retry_interval`` seconds nobody waits on Redis; then one
-    caller probes (``allow`` says yes to that one only) and a success closes it
-    (``on_change(False)``). The access state keeps a breaker of its own with the
-    same rule; node reports the two through one ``hapax_degraded`` gauge.
+    Closed while Redis answers. The first failure opens it (``on_change(True, why)``)
+    and for ``retry_interval`` seconds nobody waits on Redis; then one caller
+    probes (``allow`` says yes to that one only) and a success closes it
+    (``on_change(False, "")``). The access state keeps a breaker of its own with
+    the same rule; node reports the two as one ``hapax_degraded`` gauge and one log
+    line per transition of the node. (Under ``node``, ``AccessStateBreaker`` takes
+    its place: the two are one.)
     """
 
     def __init__(self, *, retry_interval: float, clock: Callable[[], float]) -> None:
         self.retry_interval = retry_interval
         self._clock = clock
-        self.degraded = False
+        self._degraded = False
         self._retry_at = 0.0
         self._probing = False
-        self.on_change: Callable[[bool], None] | None = None
+        self.on_change: Callable[[bool, str], None] | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
 
     def allow(self) -> bool:
-        if not self.degraded:
+        if not self._degraded:
             return True
         if self._probing or self._clock() < self._retry_at:
             return False
@@ -146,18 +160,59 @@ class RedisBreaker:
     def failed(self, exc: BaseException) -> None:
         self._probing = False
         self._retry_at = self._clock() + self.retry_interval
-        if self.degraded:
+        if self._degraded:
             return
-        self.degraded = True
-        log.warning("redis unavailable for routing state (%s): slots, dedup and health are local", exc)
+        self._degraded = True
+        log.debug("routing state: redis unavailable: %s", exc)
         if self.on_change is not None:
-            self.on_change(True)
+            self.on_change(True, str(exc))
 
     def ok(self) -> None:
         self._probing = False
-        if not self.degraded:
+        if not self._degraded:
             return
-        self.degraded = False
-        log.info("redis reachable again: slots, dedup and health are shared again")
+        self._degraded = False
         if self.on_change is not None:
-            self.on_change(False)
+            self.on_change(False, "")
+
+
+class AccessStateBreaker(RedisBreaker):
+    """The routing seams' breaker *is* the access state's: one breaker around Redis per node.
+
+    Either side that finds Redis down opens it, and either side's probe closes it,
+    so a node has one degraded state, one ``hapax_degraded`` transition and one log
+    line per transition (``FailoverState``'s), whichever seam noticed first. It
+    drives ``FailoverState``'s breaker fields directly: that class has no public
+    hooks for a second user (yet).
+    """
+
+    def __init__(self, access: FailoverState) -> None:
+        super().__init__(retry_interval=access.retry_interval, clock=access._mono)
+        self.access = access
+
+    @property
+    def degraded(self) -> bool:
+        return self.access.degraded
+
+    def allow(self) -> bool:
+        a = self.access
+        if not a.degraded:
+            return True
+        if a._probing or a._mono() < a._retry_at:
+            return False
+        a._probing = True
+        return True
+
+    def failed(self, exc: BaseException) -> None:
+        a = self.access
+        a._probing = False
+        if a.degraded:
+            a._retry_at = a._mono() + a.retry_interval
+        else:
+            a._down(exc if isinstance(exc, StateUnavailable) else StateUnavailable(str(exc)))
+
+    def ok(self) -> None:
+        a = self.access
+        if a.degraded:
+            a._probing = False
+            a._up()
