@@ -31,7 +31,9 @@ JSON at exactly one boundary (``hapax.api._error_shape``), in OpenAI or Anthropi
     │   └── NoHealthyUpstream       503
     ├── ServiceUnavailable          503 (draining, no config)
     │   ├── TooManyConnections      server.max_connections reached, none idle
-    │   └── ShuttingDown            a stream cut at the end of the shutdown grace
+    │   ├── ShuttingDown            a stream cut at the end of the shutdown grace
+    │   ├── KeyStoreUnavailable     Redis did not confirm a key write
+    │   └── UsageStoreUnavailable   Redis did not answer a usage read
     └── InternalError               500 a bug; the process lives on
 
 Programmer misuse (a provider registered twice, say) raises ``RuntimeError``
@@ -238,6 +240,18 @@ class TooManyConnections(ServiceUnavailable):
 
 class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
+
+
+class KeyStoreUnavailable(ServiceUnavailable):
+    """A key write the shared store (Redis) did not confirm: nothing changed, retry."""
+
+    code = "key_store_unavailable"
+
+
+class UsageStoreUnavailable(ServiceUnavailable):
+    """The shared usage ledger (Redis) did not answer a read."""
+
+    code = "usage_store_unavailable"
 
 
 class InternalError(HapaxError):

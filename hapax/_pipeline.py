@@ -189,7 +189,7 @@ class Gateway(BuiltinRoutes):
             elif req.path == "/v1/me" and req.method in ("GET", "HEAD"):
                 resp = await self.access.me(req, ex)  # reads the shared state: awaited
             else:
-                resp = self._builtin(req, ex)
+                resp = await self._builtin(req, ex)
             streaming = resp.stream is not None
         except HapaxError as exc:
             resp = error_response(ex, exc)

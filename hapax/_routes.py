@@ -26,7 +26,7 @@ class BuiltinRoutes(AccessLog):
     started_at: int
     draining: bool
 
-    def _builtin(self, req: Request, ex: Exchange) -> Response:
+    async def _builtin(self, req: Request, ex: Exchange) -> Response:
         path = req.path
         if path in (
             "/health/live", "/health/ready", "/metrics", "/v1/models", "/v1/health/providers", "/v1/me"

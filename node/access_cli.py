@@ -5,7 +5,8 @@ A key is named by its id or by its name (unique among active keys).
 Key commands work in one of two ways, chosen per call:
 
 - local (default): on the key store in the state directory (``--state-dir``,
-  or ``auth.state_dir`` of ``--config``). It needs no running node and no
+  or ``auth.state_dir`` of ``--config``), or in Redis when the config sets
+  ``state.redis.url`` (and no ``--state-dir`` is given). It needs no running node and no
   admin key, only file access to the state directory, so it is how the first
   keys are made. A running node sees the change on its next request. The
   config is read without its secrets: a value whose environment variable is
@@ -21,6 +22,7 @@ events are identical; a local command is audited with actor ``cli:<user>``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import os
 import secrets
@@ -33,7 +35,7 @@ from urllib.parse import quote
 
 import orjson
 
-from hapax import ConfigError, Exchange, Request, default_config, load_config
+from hapax import ConfigError, Exchange, Request, Response, default_config, load_config
 from hapax.access import AccessControl, Principal, verify
 
 _SECRET_NOTE = "The key is shown only once; store it now."
@@ -199,29 +201,38 @@ def _local(
 ) -> tuple[int, Any]:
     from hapax.access import ADMIN_ROUTES
 
-    from .server import state_dir
+    from .server import shared_stores, state_dir
 
     # No secrets needed here: an unset ${HAPAX_ADMIN_KEY} is left out, not an error.
     cfg = load_config(args.config, require_env=False) if args.config else default_config()
     sdir = args.state_dir or state_dir(cfg, args.config)
-    if sdir is None:
-        raise ConfigError("no state directory: pass --state-dir, or --config with auth.state_dir set")
-    ac = AccessControl(cfg, state_dir=sdir, announce=False)
+    keys, usage = shared_stores(cfg) if args.state_dir is None else (None, None)
+    if sdir is None and keys is None:
+        raise ConfigError("no state directory: pass --state-dir, or --config with auth.state_dir "
+                          "or state.redis.url set")
+    ac = AccessControl(cfg, state_dir=sdir, announce=False, keys=keys, usage=usage)
     ac.check_models = args.config is not None
     req = Request(method, path, {}, orjson.dumps(body) if body is not None else b"", "local", query)
     ex = Exchange("cli_" + secrets.token_hex(8), "admin", method, path, "local")
     who = Principal(id=f"cli:{getpass.getuser()}", role="admin", name="hapax CLI on the state directory")
     from hapax import HapaxError
 
+    async def call(fn: Any, ref: str) -> Response:
+        await ac.start()  # loads a shared (Redis) store; nothing to do for the file store
+        try:
+            resp: Response = await fn(ac, req, ex, who, ref)
+            return resp
+        finally:
+            ac.flush()
+            await ac.aclose()
+
     for m, rx, _perm, fn in ADMIN_ROUTES:
         match = rx.match(path)
         if m == method and match is not None:
             try:
-                resp = fn(ac, req, ex, who, match.group(1) if match.groups() else "")
+                resp = asyncio.run(call(fn, match.group(1) if match.groups() else ""))
             except HapaxError as exc:
                 return exc.status, {"error": {"message": exc.message, "code": exc.code}}
-            finally:
-                ac.flush()
             if resp.headers.get("content-type", "").startswith("text/csv"):
                 return resp.status, resp.body.decode()
             return resp.status, orjson.loads(resp.body)

@@ -36,7 +36,7 @@ from hapax import (
     RequestTimeout,
     ShuttingDown,
 )
-from hapax.access import AccessControl
+from hapax.access import AccessControl, KeyStore, RedisKeyStore, RedisUsage
 from hapax.config import ConfigEvent, ConfigRejected, ConfigSource, config_findings
 from hapax.routing import Dispatcher
 from hapax.state import AccessState, FailoverState, MemoryState, RedisState
@@ -229,9 +229,14 @@ class Node:
         if source is not None:
             config = self.config = source.current.config  # what the node starts on is the source's
         state = build_state(config)
-        # Key, usage and audit writes go to background threads: the loop never waits on a disk.
+        keys, usage = shared_stores(config)
+        sdir = state_dir(config, config_path)
+        if keys is not None and sdir is not None and (sdir / "keys" / "keys.json").exists():
+            log.warning("state.redis.url is set: keys are read from Redis; %s is not read",
+                        sdir / "keys" / "keys.json")
+        # Key, usage and audit writes go to background threads (or Redis): the loop never waits on a disk.
         access = AccessControl(
-            config, state_dir=state_dir(config, config_path), state=state, write_behind=True
+            config, state_dir=sdir, state=state, write_behind=True, keys=keys, usage=usage
         )
         metrics = GatewayMetrics()
         # Slots, dedup and health shared through Redis when state.redis.url is set.
@@ -278,6 +283,7 @@ class Node:
         )
         self.front.listener = server
         self._fd_watch = asyncio.create_task(self._watch_fds())
+        await self.gateway.access.start()  # shared keys loaded before the first request
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0, handle_signals=False)
         await self.gateway.access.state.start()
         if self.shared is not None:
@@ -422,6 +428,20 @@ def live_workers() -> int:
         return max(1, int(os.environ.get("HAPAX_WORKERS", "1")))
     except ValueError:
         return 1
+
+
+def shared_stores(config: Config) -> tuple[KeyStore | None, RedisUsage | None]:
+    """The key store and usage store shared through ``state.redis`` (``None``s without it).
+
+    Read once at start: moving a running node to another Redis or cluster takes a restart.
+    """
+    r = config.state.redis
+    if r.url is None:
+        return None, None
+    keys = RedisKeyStore(r, cluster=config.state.cluster)
+    usage = RedisUsage(r, cluster=config.state.cluster, retention_days=config.usage.retention_days,
+                       flush_interval=config.usage.flush_seconds(shared=True))
+    return keys, usage
 
 
 def state_dir(config: Config, config_path: Path | None) -> Path | None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -81,7 +81,7 @@ class KeyUpdate(BaseModel):
     expires_at: datetime | None = Field(None, description="ISO 8601 (UTC if no offset) or Unix seconds")
 
 
-Handler = Callable[["AccessControl", Request, Exchange, "Principal", str], Response]
+Handler = Callable[["AccessControl", Request, Exchange, "Principal", str], Awaitable[Response]]
 
 
 def _json(status: int, body: Any) -> Response:
@@ -156,7 +156,7 @@ def _audit(ac: AccessControl, event: str, ex: Exchange, who: Principal, target: 
 # -- handlers ----------------------------------------------------------------------------
 
 
-def whoami(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+async def whoami(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
     return _json(200, {
         "id": who.id, "name": who.name, "role": who.role, "team": who.team,
         "permissions": sorted(p.value for p in ROLE_PERMISSIONS.get(who.role, frozenset())),
@@ -164,9 +164,10 @@ def whoami(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str
     })
 
 
-def list_keys(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+async def list_keys(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
     team = req.query.get("team")
     include_revoked = req.query.get("include_revoked", "").lower() in ("1", "true", "yes")
+    await ac.keys.refreshed()
     data = [
         r.public() for r in ac.keys.all()
         if (team is None or r.team == team) and (include_revoked or not r.revoked)
@@ -174,7 +175,7 @@ def list_keys(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: 
     return _json(200, {"object": "list", "data": data})
 
 
-def create_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+async def create_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
     spec: KeyCreate = _validate(KeyCreate, _body(req))
     now = ac._now()
     expires = _epoch(spec.expires_at)
@@ -187,18 +188,19 @@ def create_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _:
         max_priority=spec.max_priority, default_priority=spec.default_priority,
         expires_at=expires, created_at=now, hash=hash_secret(secret), hint=hint_of(secret),
     )
-    ac.keys.put(rec)
+    await ac.keys.save(rec)
     ac.key_changed()
     _audit(ac, "key.created", ex, who, rec.id, name=rec.name, owner=rec.owner, team=rec.team, role=rec.role)
     return _json(201, {**rec.public(), "key": secret,
                        "warning": "store this key now: it is shown only once"})
 
 
-def show_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
+async def show_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
+    await ac.keys.refreshed()
     return _json(200, _get(ac, key_id).public())
 
 
-def update_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
+async def update_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
     rec = _get(ac, key_id)
     spec: KeyUpdate = _validate(KeyUpdate, _body(req))
     changes: dict[str, Any] = {}
@@ -213,7 +215,7 @@ def update_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, ke
         changes[name] = value
     new = rec.model_copy(update=changes)
     KeyRecord.model_validate(new.model_dump())  # the update must still make a valid record
-    ac.keys.put(new)
+    await ac.keys.save(new)
     ac.key_changed()
     _audit(ac, "key.updated", ex, who, rec.id, fields=sorted(changes))
     if "role" in changes and changes["role"] != rec.role:
@@ -221,27 +223,27 @@ def update_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, ke
     return _json(200, new.public())
 
 
-def rotate_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
+async def rotate_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
     rec = _get(ac, key_id)
     if rec.revoked:
         raise BadRequest(f"key '{key_id}' is revoked; create a new one", code="key_revoked")
     secret = mint_secret()
     new = rec.model_copy(update={"hash": hash_secret(secret), "hint": hint_of(secret), "rotated_at": ac._now()})
-    ac.keys.put(new)
+    await ac.keys.save(new)
     _audit(ac, "key.rotated", ex, who, rec.id)
     return _json(200, {**new.public(), "key": secret, "warning": "store this key now: it is shown only once"})
 
 
-def revoke_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
+async def revoke_key(ac: AccessControl, req: Request, ex: Exchange, who: Principal, key_id: str) -> Response:
     rec = _get(ac, key_id)
     if not rec.revoked:
         rec = rec.model_copy(update={"revoked_at": ac._now()})
-        ac.keys.put(rec)
+        await ac.keys.save(rec)
         _audit(ac, "key.revoked", ex, who, rec.id)
     return _json(200, rec.public())
 
 
-def usage(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+async def usage(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
     q = req.query
     since, until = q.get("from"), q.get("to")
     for name, v in (("from", since), ("to", until)):
@@ -254,8 +256,8 @@ def usage(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str)
     by = tuple(d.strip() for d in q.get("group_by", "").split(",") if d.strip())
     if any(d not in GROUPS for d in by) or len(set(by)) != len(by):
         raise InvalidField(f"group_by takes a comma-separated subset of {', '.join(GROUPS)}", param="group_by")
-    rows = ac.ledger.query(key=key, team=q.get("team"), model=q.get("model"), since=since, until=until,
-                           deployment=q.get("deployment"))
+    rows = await ac.usage_rows(key=key, team=q.get("team"), model=q.get("model"), since=since, until=until,
+                               deployment=q.get("deployment"))
     if by:
         rows = group(rows, by)
     if not by or "key" in by:
@@ -329,7 +331,7 @@ async def me(ac: AccessControl, who: Principal) -> Response:
             budgets.append(b)
     summary = {}
     for label, since in (("today", today), ("month", month + "-01")):
-        rows = ac.ledger.query(key=who.id, since=since)
+        rows = await ac.usage_rows(key=who.id, since=since)
         summary[label] = {k: (round(sum(r[k] for r in rows), 8) if k == "cost_usd" else sum(r[k] for r in rows))
                           for k in ("requests", "refused", "errors", "total_tokens", "cost_usd")}
     return _json(200, {
@@ -342,7 +344,7 @@ async def me(ac: AccessControl, who: Principal) -> Response:
     })
 
 
-def show_config(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+async def show_config(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
     doc = ac.config.model_dump(mode="json")  # SecretStr values dump as '**********'
     for p in doc.get("providers", {}).values():
         # Extra upstream headers often carry credentials too.
@@ -362,10 +364,10 @@ def _redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def cluster(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+async def cluster(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
     return _json(200, {"nodes": [{
         "id": ac.node_id, "started_at": iso_utc(ac.started_at), "auth_mode": ac.config.auth.mode,
-        "state": "memory" if ac.state_dir is None else "local",
+        "state": "redis" if ac.shared_usage is not None else "memory" if ac.state_dir is None else "local",
     }]})
 
 
@@ -392,14 +394,14 @@ _COMPILED = [
 ]
 
 
-def handle(ac: AccessControl, req: Request, ex: Exchange) -> Response | None:
+async def handle(ac: AccessControl, req: Request, ex: Exchange) -> Response | None:
     path = req.path.rstrip("/")
     matches = [(m, rx.match(path), perm, fn) for m, rx, perm, fn in _COMPILED]
     matches = [x for x in matches if x[1] is not None]
     if not matches:
         return None
     ex.route = "admin"
-    who = ac.identify(req, ex)
+    who = await ac.identify_async(req, ex)
     ex.principal = who.id
     method = "GET" if req.method == "HEAD" else req.method
     for m, match, perm, fn in matches:
@@ -409,6 +411,6 @@ def handle(ac: AccessControl, req: Request, ex: Exchange) -> Response | None:
         if perm is not None:
             ac.require(who, perm, ex, method=req.method, path=path)
         _audit(ac, "admin.request", ex, who, None, method=req.method, path=path)
-        return fn(ac, req, ex, who, match.group(1) if match.groups() else "")
+        return await fn(ac, req, ex, who, match.group(1) if match.groups() else "")
     allowed = sorted({m for m, *_ in matches})
     raise MethodNotAllowed(f"{path} accepts {', '.join(allowed)}")

@@ -9,7 +9,7 @@ from .._errors import AuthenticationFailed, PermissionDenied
 from .._exchange import Exchange
 from .._http import Request
 from ._core import AccessCore
-from ._keys import hash_secret
+from ._keys import KeyRecord, hash_secret
 from ._principal import ANONYMOUS, BOOTSTRAP_ADMIN, Principal, credential, principal_of
 from ._roles import Permission, allowed
 
@@ -20,10 +20,30 @@ class Authentication(AccessCore):
     async def authenticate(self, req: Request, ex: Exchange) -> Principal:
         if self.config.auth.mode == "none":
             return ANONYMOUS
-        return self.identify(req, ex)
+        return await self.identify_async(req, ex)
 
     def identify(self, req: Request, ex: Exchange) -> Principal:
-        """The principal behind the request's credential, in any auth mode; 401 if none."""
+        """The principal behind the request's credential, in any auth mode; 401 if none.
+
+        Answers from the local copy of the key store only; ``identify_async`` also asks a
+        shared store about a credential the copy does not know yet.
+        """
+        digest = self._digest(req, ex)
+        if digest is None:
+            return BOOTSTRAP_ADMIN
+        return self._principal(self.keys.by_hash(digest), ex)
+
+    async def identify_async(self, req: Request, ex: Exchange) -> Principal:
+        digest = self._digest(req, ex)
+        if digest is None:
+            return BOOTSTRAP_ADMIN
+        rec = self.keys.by_hash(digest)
+        if rec is None:
+            rec = await self.keys.fetch(digest)  # a key made on another node a moment ago
+        return self._principal(rec, ex)
+
+    def _digest(self, req: Request, ex: Exchange) -> str | None:
+        """The credential's SHA-256; ``None`` for the bootstrap admin key; 401 when there is none."""
         secret = credential(req.headers)
         if secret is None:
             self._auth_failed(ex, "missing")
@@ -32,8 +52,10 @@ class Authentication(AccessCore):
             )
         digest = hash_secret(secret)
         if self._admin_digest is not None and hmac.compare_digest(digest, self._admin_digest):
-            return BOOTSTRAP_ADMIN
-        rec = self.keys.by_hash(digest)
+            return None
+        return digest
+
+    def _principal(self, rec: KeyRecord | None, ex: Exchange) -> Principal:
         if rec is None:
             self._auth_failed(ex, "unknown")
             raise AuthenticationFailed("invalid API key")

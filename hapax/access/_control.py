@@ -20,7 +20,9 @@ Auth modes: ``none`` (everyone is the anonymous principal; only global
 limits apply; the admin API still needs the bootstrap admin key) and
 ``keys`` (every call needs an API key from the key store, or the bootstrap
 admin key from config). State lives under ``auth.state_dir`` (keys, usage,
-audit) or in memory when it is unset.
+audit) or in memory when it is unset; the composition root may hand in a
+shared key store and usage store instead (``_keys_redis``, ``_usage_redis``),
+and then ``state_dir`` holds the audit log only.
 
 What is charged: the provider's reported usage; when a stream ended before
 usage arrived but after output began, the larger of the estimate and what was
@@ -46,7 +48,7 @@ class AccessControl(Settlement):
         """Answer ``/admin/...`` routes; ``None`` when the path is not one."""
         from ._admin import handle
 
-        return handle(self, req, ex)
+        return await handle(self, req, ex)
 
     async def me(self, req: Request, ex: Exchange) -> Response:
         """``GET /v1/me``: the caller's own key, limits, budget and usage (``hapax.access._admin.me``)."""
@@ -55,7 +57,7 @@ class AccessControl(Settlement):
         if self.config.auth.mode == "none" and credential(req.headers) is None:
             who = ANONYMOUS
         else:
-            who = self.identify(req, ex)
+            who = await self.identify_async(req, ex)
         ex.principal = who.id
         return await me(self, who)
 

@@ -10,7 +10,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .._files import private_dir
 from ..config import Config, default_config
@@ -22,6 +22,7 @@ from ._usage_ledger import UsageFile, UsageLedger
 
 if TYPE_CHECKING:
     from .._metrics import GatewayMetrics
+    from ._usage_redis import RedisUsage
 
 log = logging.getLogger("hapax.access")
 
@@ -43,7 +44,12 @@ class AccessCore:
         announce: bool = True,
         state: AccessState | None = None,
         write_behind: bool = False,
+        keys: KeyStore | None = None,
+        usage: RedisUsage | None = None,
     ) -> None:
+        """``state``, ``keys`` and ``usage``: shared with the cluster when the composition root
+        builds them on Redis (``hapax.state``, ``_keys_redis``, ``_usage_redis``); with ``keys``
+        and ``usage`` given, ``state_dir`` holds the audit log only."""
         cfg = config or default_config()
         self.config = cfg
         self._now = wall_clock
@@ -57,13 +63,19 @@ class AccessCore:
         self._usage_file: UsageFile | None = None
         #: Permission bits of the state directory as found (``None``: no state directory).
         self.state_dir_mode = private_dir(self.state_dir) if self.state_dir is not None else None
-        if self.state_dir is not None:
+        if keys is not None:
+            self.keys = keys
+        elif self.state_dir is not None:
             self.keys = FileKeyStore(self.state_dir / "keys", write_behind=write_behind)
-            self._usage_file = UsageFile(self.state_dir / "usage.json", write_behind=write_behind)
         else:
             self.keys = MemoryKeyStore()
+        #: Usage shared with the cluster; ``None`` keeps it here (``usage.json`` or memory).
+        self.shared_usage = usage
+        if usage is None and self.state_dir is not None:
+            self._usage_file = UsageFile(self.state_dir / "usage.json", write_behind=write_behind)
+        self.keys.on_change = self._bind_teams
         self.audit = make_audit(cfg, self.state_dir, write_behind=write_behind)
-        self.ledger = UsageLedger()
+        self.ledger = usage.ledger if usage is not None else UsageLedger()
         #: Limits, concurrency and budgets: built by the composition root (memory by default).
         self.state: AccessState = state or MemoryState(monotonic=monotonic, wall_clock=wall_clock)
         if self._usage_file is not None:
@@ -87,6 +99,9 @@ class AccessCore:
     def _configure(self, cfg: Config) -> None:
         self.config = cfg
         self.prices = PriceTable(cfg.pricing)
+        if self.shared_usage is not None:
+            self.shared_usage.configure(retention_days=cfg.usage.retention_days,
+                                        flush_interval=cfg.usage.flush_seconds(shared=True))
         key = cfg.auth.admin_key
         self._admin_digest = hash_secret(key.get_secret_value()) if key is not None else None
         self._bind_teams()
@@ -98,6 +113,9 @@ class AccessCore:
                 "AUTH IS OFF (auth.mode: none): anyone who can reach this port can call every model. "
                 "Set auth.mode: keys before exposing it.",
             )
+        elif self.state_dir is None and self.shared_usage is not None:
+            log.warning("auth.state_dir is unset: the audit log lives in memory and dies with the process "
+                        "(keys and usage are in Redis)")
         elif self.state_dir is None:
             log.warning("auth.state_dir is unset: API keys, usage and audit live in memory and die with the process")
         if self.state_dir_mode is not None and self.state_dir_mode & 0o077:
@@ -156,7 +174,13 @@ class AccessCore:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._flush_handle = loop.call_later(self.config.usage.flush_interval, self.flush)
+        self._flush_handle = loop.call_later(self.config.usage.flush_seconds(shared=False), self.flush)
+
+    async def start(self) -> None:
+        """Load shared stores (keys, usage); call once the event loop runs, before serving."""
+        await self.keys.start()
+        if self.shared_usage is not None:
+            await self.shared_usage.start()
 
     async def aclose(self, *, timeout: float = WRITE_FLUSH_TIMEOUT) -> None:
         """Write everything out: usage, last-used times, the audit queue; a stuck disk gets
@@ -164,6 +188,9 @@ class AccessCore:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self.flush()
+        await self.keys.aclose()
+        if self.shared_usage is not None:
+            await self.shared_usage.aclose()
         if self.write_behind:
             await asyncio.to_thread(self._wait_written, timeout)
         self.audit.close()
@@ -179,6 +206,12 @@ class AccessCore:
         for name, wait in stores:
             if not wait(max(0.0, deadline - time.monotonic())):
                 log.error("%s: not everything was written before shutdown (the disk did not answer)", name)
+
+    async def usage_rows(self, **filters: Any) -> list[dict[str, Any]]:
+        """Usage rows matching ``filters`` (``UsageLedger.query``'s): the cluster's when shared."""
+        if self.shared_usage is not None:
+            return await self.shared_usage.query(**filters)
+        return self.ledger.query(**filters)
 
     def _rebuild_budgets(self) -> None:
         now = self._now()

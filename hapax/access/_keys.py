@@ -7,7 +7,7 @@ entropy (no salt or slow hash needed: there is nothing to guess). A lookup
 hashes the presented credential, finds the record by digest and compares the
 digests again with ``hmac.compare_digest``.
 
-A ``KeyStore`` holds ``KeyRecord`` objects by id. Two backends:
+A ``KeyStore`` holds ``KeyRecord`` objects by id. Three backends:
 
 - ``MemoryKeyStore``: one process, gone on exit (tests, demos);
 - ``FileKeyStore``: one JSON file, rewritten atomically (temp file, fsync,
@@ -15,7 +15,14 @@ A ``KeyStore`` holds ``KeyRecord`` objects by id. Two backends:
   running node can both change it. The node re-reads the file when its
   modification stamp changes, so a key revoked by the CLI stops working on
   the next request. In a node the writes happen on a background thread
-  (``hapax._write_behind``): a change is in force at once, on disk soon after.
+  (``hapax._write_behind``): a change is in force at once, on disk soon after;
+- ``RedisKeyStore`` (``hapax.access._keys_redis``): shared by every node and worker
+  of a cluster, read from a local copy kept fresh by pub/sub.
+
+Lookups on the request path (``by_hash``) are synchronous dict reads in every
+backend. The async half of the seam (``fetch`` after a miss, ``save``,
+``refreshed``, ``start``/``aclose``) is a no-op or a plain ``put`` for the local
+stores and where a shared store talks to its backend.
 
 ``last_used_at`` changes on every call; it is kept in memory and written with
 the next change or ``flush`` (a lost last-used time is harmless, an fsync per
@@ -31,6 +38,7 @@ import os
 import secrets
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -145,6 +153,30 @@ class KeyStore(ABC):
         """Note a use; cheap, persisted lazily."""
 
     def flush(self) -> None:
+        return None
+
+    #: Called after the store changed under the caller (another node's write); set by the owner.
+    on_change: Callable[[], None] | None = None
+
+    async def start(self) -> None:
+        """Load what a shared store keeps elsewhere; call once the event loop runs."""
+        return None
+
+    async def aclose(self) -> None:
+        """Stop background work, writing what is pending."""
+        return None
+
+    async def fetch(self, digest: str) -> KeyRecord | None:
+        """The record for ``digest`` after ``by_hash`` missed: a shared store asks its backend
+        (a key made on another node a moment ago); a local store has nothing more to say."""
+        return None
+
+    async def save(self, record: KeyRecord) -> None:
+        """``put``, awaited: a shared store returns once the write is durable there, or raises."""
+        self.put(record)
+
+    async def refreshed(self) -> None:
+        """Bring in what other processes noted lazily (last-used times) before a listing."""
         return None
 
 

@@ -23,6 +23,10 @@ DEFAULT_AUDIT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_AUDIT_RETENTION_DAYS = 100
 #: Usage rows older than this are dropped: a year and a month, for year-on-year bills.
 DEFAULT_USAGE_RETENTION_DAYS = 400
+#: Seconds between writes of the usage ledger file: each is an fsync.
+DEFAULT_USAGE_FLUSH_FILE = 5.0
+#: Seconds between flushes of usage deltas to Redis: how far another node's report lags.
+DEFAULT_USAGE_FLUSH_SHARED = 1.0
 
 
 class _Model(BaseModel):
@@ -118,4 +122,11 @@ class AuditConfig(_Model):
 
 class UsageConfig(_Model):
     retention_days: int = Field(DEFAULT_USAGE_RETENTION_DAYS, ge=1)
-    flush_interval: float = Field(5.0, gt=0, description="seconds between writes of the usage ledger")
+    #: ``None``: 5 s for the ledger file (each write is an fsync), 1 s for Redis (one pipeline,
+    #: and what ``/admin/usage`` on another node lags by).
+    flush_interval: float | None = Field(None, gt=0, description="seconds between writes of the usage ledger")
+
+    def flush_seconds(self, *, shared: bool) -> float:
+        if self.flush_interval is not None:
+            return self.flush_interval
+        return DEFAULT_USAGE_FLUSH_SHARED if shared else DEFAULT_USAGE_FLUSH_FILE
