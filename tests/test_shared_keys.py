@@ -197,6 +197,22 @@ def test_a_flood_of_one_bad_key_is_a_few_redis_lookups(gateway: Start, redis_url
     assert 1 <= lookups <= 2 + elapsed / NEGATIVE_TTL
 
 
+def test_known_keys_are_answered_without_asking_redis(gateway: Start, redis_url: str) -> None:
+    a, b = pair(gateway, redis_url)
+    secret, _ = make_key(a)
+    assert call(b, secret) == "ok"
+    r = redis.Redis.from_url(redis_url)
+    r.config_resetstat()
+    for gw in (a, b):
+        for _ in range(20):
+            assert call(gw, secret) == "ok"
+    stats = r.info("commandstats")
+    r.close()
+    # No per-request lookups: last-used times and usage go out once a flush interval, as HSET
+    # and HINCRBY; nothing reads a key record.
+    assert not {"cmdstat_hmget", "cmdstat_hget", "cmdstat_hgetall", "cmdstat_evalsha"} & set(stats)
+
+
 def _usage(gw: GatewayProcess, query: str = "") -> dict[str, Any]:
     r = admin(gw, "GET", "/admin/usage" + query)
     assert r.status_code == 200, r.text
