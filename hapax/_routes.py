@@ -42,7 +42,7 @@ class BuiltinRoutes(AccessLog):
         if path == "/v1/health/providers":
             # Operators' view of every deployment (upstream errors, load): with auth.mode keys
             # it needs "view cluster", like /admin/cluster; with none it stays open.
-            self.access.authorize(req, ex, Permission.VIEW_CLUSTER)
+            await self.access.authorize(req, ex, Permission.VIEW_CLUSTER)
             return _json(200, self.dispatcher.snapshot(self.runtime))
         if path == "/metrics":
             return Response(

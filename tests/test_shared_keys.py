@@ -172,6 +172,17 @@ def test_a_node_that_misses_every_invalidation_still_catches_up(gateway: Start, 
         assert subscribers == 1  # A only: B hears of no change
         secret, key_id = make_key(a)
         assert call(b, secret) == "ok"
+        # Every route that takes a key asks Redis about one it does not know: /v1/me, an
+        # operator view, the admin API.
+        ops, _ = make_key(a, name="ops", role="operator")
+        r1 = httpx.get(b.url + "/v1/health/providers", headers={"authorization": f"Bearer {ops}"}, timeout=10)
+        assert r1.status_code == 200, r1.text
+        mine, _ = make_key(a, name="me")
+        r2 = httpx.get(b.url + "/v1/me", headers={"authorization": f"Bearer {mine}"}, timeout=10)
+        assert (r2.status_code, r2.json().get("name")) == (200, "me"), r2.text
+        boss, _ = make_key(a, name="boss", role="admin")
+        r3 = httpx.get(b.url + "/admin/whoami", headers={"authorization": f"Bearer {boss}"}, timeout=10)
+        assert (r3.status_code, r3.json().get("name")) == (200, "boss"), r3.text
         assert admin(a, "DELETE", f"/admin/keys/{key_id}").status_code == 200
         exc = until(lambda: refused(b, secret), "B refuses the revoked key", timeout=RESYNC_INTERVAL * 3)
         assert "revoked" in exc.message

@@ -330,8 +330,9 @@ async def me(ac: AccessControl, who: Principal) -> Response:
                                "remaining": round(max(0.0, cap - used), 8)}
             budgets.append(b)
     summary = {}
+    month_rows = await ac.usage_rows(key=who.id, since=month + "-01")  # one read; today is in it
     for label, since in (("today", today), ("month", month + "-01")):
-        rows = await ac.usage_rows(key=who.id, since=since)
+        rows = [r for r in month_rows if r["day"] >= since]
         summary[label] = {k: (round(sum(r[k] for r in rows), 8) if k == "cost_usd" else sum(r[k] for r in rows))
                           for k in ("requests", "refused", "errors", "total_tokens", "cost_usd")}
     return _json(200, {

@@ -77,7 +77,7 @@ class Authentication(AccessCore):
 
     # -- authorization -----------------------------------------------------------------
 
-    def authorize(self, req: Request, ex: Exchange, permission: Permission) -> Principal:
+    async def authorize(self, req: Request, ex: Exchange, permission: Permission) -> Principal:
         """Gate an operator view outside ``/admin`` (``GET /v1/health/providers``) by role.
 
         With ``auth.mode: none`` it stays open like the rest of the demo; with keys,
@@ -85,7 +85,7 @@ class Authentication(AccessCore):
         """
         if self.config.auth.mode == "none":
             return ANONYMOUS
-        who = self.identify(req, ex)
+        who = await self.identify_async(req, ex)
         ex.principal = who.id
         self.require(who, permission, ex, method=req.method, path=req.path)
         return who
