@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import yaml
 
 from tests.gateway_process import ROOT, GatewayProcess
 from tests.upstreams.server import UpstreamServer, UpstreamState
@@ -154,10 +155,13 @@ async def test_every_way_a_call_ends_gives_its_slot_back_in_redis(
     await asyncio.to_thread(_wait, lambda: _in_flight(node) == 0, "every slot back")
 
 
-def _cli_key(state_dir: Path, *args: str) -> str:
-    """A key made before the nodes start, in the key directory both load at start-up."""
+def _cli_key(redis_url: str, state_dir: Path, *args: str) -> str:
+    """A key made before the nodes start, in the Redis both load their keys from at start-up."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cfg = state_dir.parent / "cli.yaml"
+    cfg.write_text(yaml.safe_dump(_keyed(redis_url, state_dir)))
     out = subprocess.run(
-        [sys.executable, "-m", "node", "keys", "create", "--state-dir", str(state_dir), "--json", *args],
+        [sys.executable, "-m", "node", "keys", "create", "-c", str(cfg), "--json", *args],
         cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
     ).stdout
     return str(json.loads(out)["key"])
@@ -179,7 +183,7 @@ async def test_a_key_with_10_requests_per_minute_gets_10_of_40_across_two_nodes(
     gateway: Callable[..., GatewayProcess], redis_url: str, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "keys"
-    key = _cli_key(state_dir, "--name", "ten", "--rpm", "10")
+    key = _cli_key(redis_url, state_dir, "--name", "ten", "--rpm", "10")
     a, b = gateway(_keyed(redis_url, state_dir)), gateway(_keyed(redis_url, state_dir))
     cs = [openai.AsyncOpenAI(base_url=n.url + "/v1", api_key=key, max_retries=0, timeout=30) for n in (a, b)]
     codes = await spread(cs, 40)
@@ -190,7 +194,7 @@ async def test_a_team_usd_budget_shared_by_two_nodes_is_overspent_by_at_most_one
     gateway: Callable[..., GatewayProcess], redis_url: str, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "keys"
-    key = _cli_key(state_dir, "--name", "a1", "--team", "alpha")
+    key = _cli_key(redis_url, state_dir, "--name", "a1", "--team", "alpha")
     cfg = _keyed(redis_url, state_dir, teams={"alpha": {"budget": {"daily_usd": 0.05}}})
     nodes = [gateway(cfg), gateway(cfg)]
     spent: list[float] = []
