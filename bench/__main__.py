@@ -4,6 +4,10 @@ if sys.argv[1:2] == ["streams"]:
     from .streams import main as streams
 
     sys.exit(streams(sys.argv[2:]))
+if sys.argv[1:2] == ["metrics"]:
+    from .metrics_cost import main as metrics_cost
+
+    sys.exit(metrics_cost(sys.argv[2:]))
 if sys.argv[1:2] == ["accesslog"]:
     from .accesslog import main as accesslog
 

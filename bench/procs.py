@@ -23,12 +23,40 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU of the whole process (all threads), from /proc/<pid>/stat."""
+def _stat(pid: int) -> list[bytes]:
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
-    fields = stat[stat.rindex(b")") + 2 :].split()
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of the whole process (all threads), from /proc/<pid>/stat."""
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (a node's workers), from every /proc/<n>/stat's ppid."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if int(_stat(int(name))[1]) == pid:
+                    out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue  # exited meanwhile
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """``cpu_seconds`` of ``pid`` plus its live children: a supervisor and its workers."""
+    total = cpu_seconds(pid)
+    for child in children(pid):
+        try:
+            total += cpu_seconds(child)
+        except OSError:
+            continue
+    return total
 
 
 class Proc:
@@ -53,7 +81,8 @@ class Proc:
         return self.proc.pid
 
     def cpu(self) -> float:
-        return cpu_seconds(self.pid)
+        """CPU of the process and its children (a node's workers, when it has several)."""
+        return tree_cpu_seconds(self.pid)
 
     def check(self) -> None:
         if self.proc.poll() is not None:
@@ -119,6 +148,19 @@ def interpreter_info(python: str) -> dict[str, object]:
     out = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=30, check=True)
     info: dict[str, object] = json.loads(out.stdout)
     return info
+
+
+def wait_workers(port: int, n: int, timeout: float = 30.0) -> None:
+    """Until a scrape of the node on ``port`` includes all ``n`` of its workers."""
+    deadline = time.monotonic() + timeout
+    while n > 1:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            seen = sum(1 for line in r.read().decode().splitlines() if line.startswith("hapax_worker_info{"))
+        if seen >= n:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {seen} of {n} workers came up on port {port}")
+        time.sleep(0.1)
 
 
 def system_busy_seconds() -> float:

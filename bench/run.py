@@ -22,7 +22,15 @@ from typing import Any
 import yaml
 
 from . import profile, wrk
-from .procs import ROOT, Proc, children_cpu_seconds, free_port, interpreter_info, system_busy_seconds
+from .procs import (
+    ROOT,
+    Proc,
+    children_cpu_seconds,
+    free_port,
+    interpreter_info,
+    system_busy_seconds,
+    wait_workers,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("direct", "proxy", "hapax")
@@ -124,6 +132,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="memory, redis or memory,redis: give every Hapax target global limits (never refusing) kept "
         "in process memory or in a redis-server the bench starts on the load CPUs ('hapax-redis'); "
         "unset: no limits, as before",
+    )
+    p.add_argument(
+        "--workers",
+        default="1",
+        help="Hapax worker processes; a comma list (1,2) runs a node per count in one run (targets "
+        "hapax, hapax-w2, ...; memory state). Above 1 nothing is pinned (the workers need every core) "
+        "and each worker keeps its own state (HAPAX_BENCH_UNSHARED_WORKERS): the bench's limits never refuse",
     )
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     return p.parse_args(argv)
@@ -254,6 +269,9 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
             entry[f"rps_hapax_over_{base}"] = h.wrk.rps / b.wrk.rps
             entry[f"p50_added_vs_{base}_ms"] = h.wrk.p50_ms - b.wrk.p50_ms
             entry[f"p99_added_vs_{base}_ms"] = h.wrk.p99_ms - b.wrk.p99_ms
+        for t, r in g.items():
+            if t.startswith("hapax-w") and on is not None and on.wrk.rps:
+                entry[f"rps_{t.removeprefix('hapax-')}_over_w1"] = r.wrk.rps / on.wrk.rps
         p, hc = g.get("proxy"), h.server_cpu_us()
         if p is not None and hc is not None and (pc := p.server_cpu_us()):
             entry["cpu_per_request_hapax_over_proxy"] = hc / pc
@@ -273,6 +291,9 @@ def render_ratios(rs: list[dict[str, Any]]) -> str:
             parts.append(f"p50 {e['p50_added_vs_proxy_ms']:+.2f} ms vs proxy")
         if "cpu_per_request_hapax_over_proxy" in e:
             parts.append(f"CPU/req Hapax/proxy {e['cpu_per_request_hapax_over_proxy']:.2f}")
+        for k, v in e.items():
+            if k.startswith("rps_w") and k.endswith("_over_w1"):
+                parts.append(f"req/s {k[4:-8]}/w1 {v:.2f}")
         if "access_log_cpu_us_per_request" in e:
             parts.append(f"access log {e['access_log_cpu_us_per_request']:+.0f} us/req")
         if "redis_state_cpu_us_per_request" in e:
@@ -300,16 +321,22 @@ def main(argv: list[str] | None = None) -> int:
     states = [v for v in (a.state or "memory").split(",") if v]
     if bad := set(states) - set(STATE_VARIANTS):
         raise SystemExit(f"--state takes memory, redis or memory,redis, not {sorted(bad)}")
+    worker_counts = [int(w) for w in str(a.workers).split(",") if w]
+    if not worker_counts or any(w < 1 for w in worker_counts):
+        raise SystemExit("--workers takes counts of at least 1")
+    #: Each multi-worker target: its worker count (access log on, memory state).
+    multi = {f"hapax-w{w}": w for w in worker_counts if w > 1}
     if "hapax" in targets:
         i = targets.index("hapax")
         # The log variants run on memory state; Redis state runs as users run it (log on).
-        targets[i : i + 1] = [HAPAX_VARIANTS[v] for v in logs if "memory" in states or v != "on"] + [
+        one = [HAPAX_VARIANTS[v] for v in logs if "memory" in states or v != "on"] + [
             "hapax" + STATE_VARIANTS[v] for v in states if v != "memory"
         ]
+        targets[i : i + 1] = (one if 1 in worker_counts else []) + list(multi)
     modes = [a.only] if a.only else list(MODES)
     conns_list = [int(c) for c in str(a.connections).split(",")]
     ncpu = os.cpu_count() or 1
-    pin = not a.no_pin and ncpu >= 2
+    pin = not a.no_pin and ncpu >= 2 and not multi
     gw_cpus = a.gateway_cpus if pin else None
     load_cpus = a.load_cpus if pin else None
 
@@ -323,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hapax-bench-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     up_port, proxy_port = free_port(), free_port()
-    hapax_ports = {name: free_port() for name in (*HAPAX_VARIANTS.values(), "hapax-redis")}
+    hapax_ports = {name: free_port() for name in (*HAPAX_VARIANTS.values(), "hapax-redis", *multi)}
     redis_port = free_port()
     pool = max(100, max(conns_list))
     cfg_paths: dict[str, Path] = {}
@@ -376,11 +403,14 @@ def main(argv: list[str] | None = None) -> int:
             procs["proxy"].wait_port(proxy_port)
         for name, port in hapax_ports.items():
             if name in targets:
+                count = multi.get(name, 1)
+                extra = ["--workers", str(count)] if count > 1 else []
                 procs[name] = Proc(
-                    name, [a.python, "-m", "node", "serve", "--config", str(cfg_paths[name])], tmp,
-                    cpus=gw_cpus, env=env,
+                    name, [a.python, "-m", "node", "serve", "--config", str(cfg_paths[name]), *extra], tmp,
+                    cpus=gw_cpus, env={**env, "HAPAX_BENCH_UNSHARED_WORKERS": "1"} if count > 1 else env,
                 )
                 procs[name].wait_http(f"http://127.0.0.1:{port}/health/ready")
+                wait_workers(port, count)
         for t in targets:
             _sanity(t, urls[t], a.chunks, api_key)
 
@@ -454,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "duration_s": a.duration, "warmup_s": a.warmup, "connections": conns_list,
                 "wrk_threads": a.wrk_threads, "chunks": a.chunks, "modes": modes, "targets": targets,
-                "hapax_auth": a.auth, "access_log": logs, "state": a.state,
+                "hapax_auth": a.auth, "access_log": logs, "state": a.state, "workers": worker_counts,
                 "pinning": {"gateway_and_proxy": gw_cpus, "upstream_and_wrk": load_cpus},
                 "request_bytes": {m: len(wrk.request_body(m == "stream")) for m in MODES},
             },

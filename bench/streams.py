@@ -25,6 +25,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import resource
 import statistics
 import sys
@@ -37,9 +38,12 @@ from typing import Any
 import yaml
 
 from . import wrk
-from .procs import ROOT, Proc, free_port
+from .procs import ROOT, Proc, free_port, wait_workers
 
-GC_MODES = {"tuned": ["-m", "node"], "default": ["-m", "bench.gc_default_node"]}
+#: ``cprofile`` is the tuned node under cProfile (its stats printed after the run): read shares, not times.
+GC_MODES = {
+    "tuned": ["-m", "node"], "default": ["-m", "bench.gc_default_node"], "cprofile": ["-m", "bench.cprofile_node"],
+}
 
 
 @dataclass
@@ -84,6 +88,11 @@ class Wave:
             "wall_s": self.wall_s,
             "node_gc": self.node_gc,
             "core_pct": self.core_pct,
+            # CPU time, so a node starved by other work on the machine does not inflate it.
+            "node_cpu_us_per_event": (
+                self.core_pct.get("node", 0) / 100 * self.wall_s * 1e6 / events
+                if (events := sum(s.events for s in self.streams)) else None
+            ),
         }
 
 
@@ -187,8 +196,13 @@ def _node_gc(port: int) -> dict[str, float]:
             if line.startswith(("python_gc_collections_total", "python_gc_pause_seconds_sum",
                                 "python_gc_pause_seconds_count")):
                 name, _, value = line.rpartition(" ")
-                out[name] = float(value)
+                name = _WORKER_LABEL.sub("", name)  # several workers: their collections add up
+                out[name] = out.get(name, 0.0) + float(value)
     return out
+
+
+_WORKER_LABEL = re.compile(r',?worker="\d+"')
+
 
 
 def _config(port: int, upstream_port: int, streams: int) -> dict[str, Any]:
@@ -231,6 +245,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gateway-cpus", default="1")
     p.add_argument("--load-cpus", default="0")
     p.add_argument("--no-pin", action="store_true")
+    p.add_argument("--workers", type=int, default=1,
+                   help="node worker processes (1); above 1 nothing is pinned, and the node's state "
+                   "stays per worker (HAPAX_BENCH_UNSHARED_WORKERS): limits do not matter here")
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
 
@@ -243,13 +260,19 @@ def main(argv: list[str]) -> int:
     if a.chunks < 2:
         raise SystemExit("--chunks must be at least 2")
     _raise_nofile()  # this process holds every client socket
-    pin = not a.no_pin and (os.cpu_count() or 1) >= 2
+    pin = not a.no_pin and a.workers == 1 and (os.cpu_count() or 1) >= 2
     gw_cpus = a.gateway_cpus if pin else None
     load_cpus = a.load_cpus if pin else None
     if load_cpus is not None:
         os.sched_setaffinity(0, {int(c) for c in load_cpus.split(",")})
     tmp = Path(tempfile.mkdtemp(prefix="hapax-bench-streams-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    workers: list[str] = []
+    if a.workers > 1:
+        if modes != ["tuned"]:
+            raise SystemExit("--workers above 1 runs the tuned node only (its workers are `-m node`)")
+        env["HAPAX_BENCH_UNSHARED_WORKERS"] = "1"
+        workers = ["--workers", str(a.workers)]
     timeout = a.chunks * a.chunk_ms / 1000 + 60
     try:
         import uvloop
@@ -270,10 +293,13 @@ def main(argv: list[str]) -> int:
             port = free_port()
             cfg = tmp / f"hapax-{mode}.yaml"
             cfg.write_text(yaml.safe_dump(_config(port, up_port, a.streams)))
-            node = Proc(f"hapax-{mode}", [a.python, *GC_MODES[mode], "serve", "--config", str(cfg)],
-                        tmp, cpus=gw_cpus, env=env, preexec_fn=_raise_nofile)
+            prof = tmp / f"hapax-{mode}.prof"
+            node_env = {**env, "HAPAX_BENCH_CPROFILE": str(prof)} if mode == "cprofile" else env
+            node = Proc(f"hapax-{mode}", [a.python, *GC_MODES[mode], "serve", "--config", str(cfg), *workers],
+                        tmp, cpus=gw_cpus, env=node_env, preexec_fn=_raise_nofile)
             try:
                 node.wait_http(f"http://127.0.0.1:{port}/health/ready")
+                wait_workers(port, a.workers)
                 for _ in range(a.waves):
                     before = _node_gc(port)
                     cpu0, own0, up0 = node.cpu(), _own_cpu(), upstream.cpu()
@@ -289,6 +315,10 @@ def main(argv: list[str]) -> int:
                     print(json.dumps(w.summary(a.chunk_ms)), flush=True)
             finally:
                 node.stop()
+            if mode == "cprofile" and prof.exists():
+                import pstats
+
+                pstats.Stats(str(prof)).sort_stats("tottime").print_stats(30)
     finally:
         upstream.stop()
     print()
@@ -311,7 +341,7 @@ _GEN2_PAUSE = 'python_gc_pause_seconds_sum{generation="2"}'
 def render(rows: list[dict[str, Any]]) -> str:
     head = (f"{'gc':<8} {'ok':>6} {'errors':>6} {'gap p50':>8} {'gap p99':>8} {'gap max':>8} "
             f"{'first p50':>9} {'first p99':>9} {'live max':>8} {'gen2 n':>6} {'gen2 pause s':>12} "
-            f"{'node %':>6} {'gen %':>5}")
+            f"{'node %':>6} {'gen %':>5} {'node us/event':>13}")
     lines = [head, "-" * len(head)]
     for r in rows:
         g = r["node_gc"]
@@ -320,7 +350,8 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"{_f(r['worst_gap_ms_p99'])} {_f(r['worst_gap_ms_max'])} {_f(r['first_event_ms_p50'], 9)} "
             f"{_f(r['first_event_ms_p99'], 9)} {_f(r['health_live_ms_max'])} "
             f"{g.get(_GEN2_N, 0):>6.0f} {g.get(_GEN2_PAUSE, 0):>12.3f} "
-            f"{r['core_pct'].get('node', 0):>6.0f} {r['core_pct'].get('generator', 0):>5.0f}"
+            f"{r['core_pct'].get('node', 0):>6.0f} {r['core_pct'].get('generator', 0):>5.0f} "
+            f"{_f(r['node_cpu_us_per_event'], 13)}"
         )
     lines.append("(ms; gap = a stream's worst interval between two event reads; first = request sent -> first event)")
     return "\n".join(lines)

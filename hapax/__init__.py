@@ -13,7 +13,7 @@ from ._errors import (
 )
 from ._exchange import Exchange
 from ._http import Request, Response
-from ._metrics import GatewayMetrics
+from ._metrics import Exposition, GatewayMetrics
 from ._pipeline import Gateway
 from ._transport import (
     ConnectError,
@@ -39,6 +39,7 @@ __all__ = [
     "ConnectError",
     "ConnectTimeout",
     "Exchange",
+    "Exposition",
     "FirstByteTimeout",
     "Gateway",
     "GatewayMetrics",

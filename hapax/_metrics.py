@@ -1,21 +1,33 @@
-"""Prometheus metrics with bounded labels, rendered in the text exposition format.
+"""Prometheus metrics with bounded labels, exposed through ``prometheus_client``.
 
-A small in-process registry rather than prometheus_client: the hot path only
-does a dict lookup and an add, and every label value passes through a bound
-(``LabelBound``) so a client cannot mint new series by sending odd model names.
+Theory of operation: the hot path counts into small in-process structures (a
+dict lookup and an add per event; every label value passes through a bound,
+``LabelBound``, so a client cannot mint new series by sending odd model names).
+Nothing on the request path touches ``prometheus_client``. At scrape time
+``Exposition`` turns those values into the library's metric families, so the
+text format, escaping, OpenMetrics negotiation (the ``Accept`` header) and the
+process and GC collectors are the library's.
+
+Several worker processes serve one port: each can hand the others a plain-data
+``snapshot`` of its values, and the scraped worker merges them into the node's
+totals (counters and histograms add up; a gauge says how in its ``merge``).
+Per-process series (``process_*``, ``python_*``) are not added up: with more
+than one worker each worker's series carry a ``worker`` label.
 """
 
 from __future__ import annotations
 
 import bisect
 import gc
-import math
 import os
 import platform
-import resource
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal, TypeVar
+
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 
 from ._errors import (
     HapaxError,
@@ -75,14 +87,15 @@ def status_class(status: int) -> str:
 _CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 
 M = TypeVar("M", bound="_Metric")
-
-
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+#: How a gauge's values from several workers make the node's: add up, or the largest / smallest.
+Merge = Literal["sum", "max", "min"]
+#: One worker's values of one metric: ``[[label values], value]`` (a histogram: its series list).
+Values = list[list[Any]]
 
 
 def _fmt(v: float) -> str:
-    if v == math.inf:
+    """A bucket bound as Prometheus writes it (``+Inf``; no ``.0`` on whole numbers)."""
+    if v == float("inf"):
         return "+Inf"
     if v == int(v) and abs(v) < 1e15:
         return str(int(v))
@@ -97,15 +110,13 @@ class _Metric:
         self.help = help
         self.labels = tuple(labels)
 
-    def _labelstr(self, values: tuple[str, ...], extra: str = "") -> str:
-        parts = [f'{k}="{_escape(v)}"' for k, v in zip(self.labels, values, strict=True)]
-        if extra:
-            parts.append(extra)
-        return "{" + ",".join(parts) + "}" if parts else ""
+    def copy(self) -> dict[tuple[str, ...], Any]:
+        """The values now, detached from the live ones (taken on the event loop)."""
+        raise NotImplementedError
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} {self.kind}"
+    def family(self, parts: Sequence[Iterable[tuple[tuple[str, ...], Any]]]) -> Metric:
+        """The library's family for this metric, from one or more workers' values."""
+        raise NotImplementedError
 
 
 class Counter(_Metric):
@@ -125,20 +136,53 @@ class Counter(_Metric):
         """Make the series exist (at 0 if new), so it is scraped before its first event."""
         self._values.setdefault(values, 0.0)
 
-    def render(self) -> Iterable[str]:
-        yield from super().render()
-        for values, v in sorted(self._values.items()):
-            yield f"{self.name}{self._labelstr(values)} {_fmt(v)}"
+    def copy(self) -> dict[tuple[str, ...], Any]:
+        return self._values.copy()
+
+    def _merged(self, parts: Sequence[Iterable[tuple[tuple[str, ...], Any]]]) -> dict[tuple[str, ...], float]:
+        if len(parts) == 1:
+            return dict(parts[0])
+        out: dict[tuple[str, ...], float] = {}
+        for part in parts:
+            for k, v in part:
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def family(self, parts: Sequence[Iterable[tuple[tuple[str, ...], Any]]]) -> Metric:
+        f = CounterMetricFamily(self.name, self.help, labels=self.labels)
+        for k, v in sorted(self._merged(parts).items()):
+            f.add_metric(k, v)
+        return f
 
 
 class Gauge(Counter):
     kind = "gauge"
+
+    def __init__(self, name: str, help: str, labels: Sequence[str] = (), *, merge: Merge = "sum") -> None:
+        super().__init__(name, help, labels)
+        self.merge: Merge = merge
 
     def set(self, *values: str, to: float) -> None:
         self._values[values] = to
 
     def dec(self, *values: str, by: float = 1.0) -> None:
         self.inc(*values, by=-by)
+
+    def _merged(self, parts: Sequence[Iterable[tuple[tuple[str, ...], Any]]]) -> dict[tuple[str, ...], float]:
+        if self.merge == "sum":
+            return super()._merged(parts)
+        pick = max if self.merge == "max" else min
+        out: dict[tuple[str, ...], float] = {}
+        for part in parts:
+            for k, v in part:
+                out[k] = pick(out[k], v) if k in out else v
+        return out
+
+    def family(self, parts: Sequence[Iterable[tuple[tuple[str, ...], Any]]]) -> Metric:
+        f = GaugeMetricFamily(self.name, self.help, labels=self.labels)
+        for k, v in sorted(self._merged(parts).items()):
+            f.add_metric(k, v)
+        return f
 
 
 class Histogram(_Metric):
@@ -149,6 +193,7 @@ class Histogram(_Metric):
     ) -> None:
         super().__init__(name, help, labels)
         self.buckets = tuple(buckets)
+        self._les = [_fmt(b) for b in self.buckets] + ["+Inf"]
         self._series: dict[tuple[str, ...], list[float]] = {}
 
     def observe(self, value: float, *values: str) -> None:
@@ -168,16 +213,27 @@ class Histogram(_Metric):
         s = self._series.get(values)
         return sum(s[:-1]) if s else 0.0
 
-    def render(self) -> Iterable[str]:
-        yield from super().render()
-        for values, s in sorted(self._series.items()):
-            acc = 0.0
-            for le, n in zip((*self.buckets, math.inf), s[:-1], strict=True):
-                acc += n
-                le_label = 'le="' + _fmt(le) + '"'
-                yield f"{self.name}_bucket{self._labelstr(values, le_label)} {_fmt(acc)}"
-            yield f"{self.name}_sum{self._labelstr(values)} {s[-1]!r}"
-            yield f"{self.name}_count{self._labelstr(values)} {_fmt(acc)}"
+    def copy(self) -> dict[tuple[str, ...], Any]:
+        return {k: s.copy() for k, s in self._series.items()}
+
+    def family(self, parts: Sequence[Iterable[tuple[tuple[str, ...], Any]]]) -> Metric:
+        merged: dict[tuple[str, ...], list[float]] = {}
+        for part in parts:
+            for k, s in part:
+                acc = merged.get(k)
+                if acc is None:
+                    merged[k] = list(s)
+                elif len(acc) == len(s):  # same buckets: every worker runs the same code
+                    for i, n in enumerate(s):
+                        acc[i] += n
+        f = HistogramMetricFamily(self.name, self.help, labels=self.labels)
+        for k, s in sorted(merged.items()):
+            cumulative, buckets = 0.0, []
+            for le, n in zip(self._les, s[:-1], strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            f.add_metric(k, buckets, s[-1])
+        return f
 
 
 class Registry:
@@ -193,13 +249,33 @@ class Registry:
         """Run ``fn`` before each scrape, to refresh gauges that are cheaper to read than track."""
         self._collectors.append(fn)
 
-    def render(self) -> bytes:
+    def refresh(self) -> None:
         for fn in self._collectors:
             fn()
-        lines: list[str] = []
-        for m in self._metrics:
-            lines.extend(m.render())
-        return ("\n".join(lines) + "\n").encode()
+
+    def freeze(self) -> Frozen:
+        """Every metric's values now. Cheap (dict copies), so it runs on the event loop; what
+        is built from the copy (``families``, ``plain``) may then run in a thread."""
+        self.refresh()
+        return [(m, m.copy()) for m in self._metrics]
+
+
+#: A registry's values at one moment: each metric with a copy of its series.
+Frozen = list[tuple[_Metric, dict[tuple[str, ...], Any]]]
+
+
+def families(frozen: Frozen, peers: Sequence[dict[str, Values]] = ()) -> Iterator[Metric]:
+    """The library's families of ``frozen``, each series added up with ``peers``' (plain data)."""
+    for m, own in frozen:
+        parts: list[Iterable[tuple[tuple[str, ...], Any]]] = [own.items()]
+        for peer in peers:
+            parts.append((tuple(k), v) for k, v in peer.get(m.name, ()))
+        yield m.family(parts)
+
+
+def plain(frozen: Frozen) -> dict[str, Values]:
+    """``frozen`` as plain data (lists, strings, floats), for a sibling worker."""
+    return {m.name: [[list(k), v] for k, v in own.items()] for m, own in frozen}
 
 
 class LabelBound:
@@ -256,7 +332,7 @@ class GatewayMetrics:
         ))
         self.degraded = r.add(Gauge(
             "hapax_degraded", "1 while a shared-state dependency is unreachable and its failure policy applies.",
-            ("dependency",),
+            ("dependency",), merge="max",  # across workers: degraded if any worker is
         ))
         self.errors = r.add(Counter(
             "hapax_errors_total", "Errors returned to clients, by route, model, error type and code.",
@@ -268,6 +344,7 @@ class GatewayMetrics:
         ))
         self.config_info = r.add(Gauge(
             "hapax_config_generation", "Generation of the config in force; bumps on every reload.",
+            merge="max",
         ))
         self.config_revision = r.add(Gauge(
             "hapax_config_revision",
@@ -305,7 +382,7 @@ class GatewayMetrics:
         ))
         self.circuit_state = r.add(Gauge(
             "hapax_circuit_state", "Circuit breaker state per deployment: 0 closed, 1 half-open, 2 open.",
-            ("deployment",),
+            ("deployment",), merge="max",  # across workers: the worst
         ))
         self.circuit_transitions = r.add(Counter(
             "hapax_circuit_transitions_total", "Circuit breaker state changes, by deployment and new state.",
@@ -320,7 +397,7 @@ class GatewayMetrics:
         ))
         self.provider_healthy = r.add(Gauge(
             "hapax_provider_healthy", "Probe status per provider: 1 healthy, 0 unhealthy, -1 unknown.",
-            ("provider",),
+            ("provider",), merge="min",  # across workers: the worst
         ))
         self.queue_depth = r.add(Gauge(
             "hapax_queue_depth", "Requests waiting for a concurrency slot.",
@@ -363,8 +440,10 @@ class GatewayMetrics:
         ))
         self.build_info = r.add(Gauge(
             "hapax_build_info", "Always 1; the labels say which Hapax and Python run.", ("version", "python"),
+            merge="max",
         ))
-        self._process = _ProcessMetrics(r)
+        #: Per-process series (CPU, memory, fds, GC): never added up across workers.
+        self.process = ProcessMetrics()
         self.queue_depth.set(to=0)
         self.in_flight.set(to=0)
         self.config_info.set(to=0)
@@ -443,15 +522,14 @@ class GatewayMetrics:
                     self.team_tokens.zero(team, model, direction)
 
 
-class _GCStats:
-    """Collections and their pauses per generation, from one process-wide ``gc.callbacks`` hook.
+class _GCPauses:
+    """Collector pauses per generation, from one process-wide ``gc.callbacks`` hook.
 
     Installed once however many registries exist; costs two clock reads per collection.
+    (Counts of collections and collected objects come from the library's ``GCCollector``.)
     """
 
     def __init__(self) -> None:
-        self.collections = [0, 0, 0]
-        self.collected = [0, 0, 0]
         self.pauses: list[list[float]] = [[] for _ in range(3)]  # drained into histograms per scrape
         self._t0 = 0.0
         gc.callbacks.append(self._hook)
@@ -460,44 +538,33 @@ class _GCStats:
         if phase == "start":
             self._t0 = time.perf_counter()
             return
-        g = info["generation"]
-        self.collections[g] += 1
-        self.collected[g] += info["collected"]
-        pauses = self.pauses[g]
+        pauses = self.pauses[info["generation"]]
         if len(pauses) < 10_000:  # bounded between scrapes
             pauses.append(time.perf_counter() - self._t0)
 
 
-_gc_stats: _GCStats | None = None
+_gc_pauses: _GCPauses | None = None
 
 
-def _gc() -> _GCStats:
-    global _gc_stats
-    if _gc_stats is None:
-        _gc_stats = _GCStats()
-    return _gc_stats
+def _gc() -> _GCPauses:
+    global _gc_pauses
+    if _gc_pauses is None:
+        _gc_pauses = _GCPauses()
+    return _gc_pauses
 
 
-#: Close enough to the process start: this module is imported while the node starts.
-_STARTED = time.time()
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: A snapshot's per-process families: ``[name, help, type, unit, [[sample, labels, value], ...]]``.
+FamilyData = list[Any]
 
 
-class _ProcessMetrics:
-    """Prometheus' standard ``process_*`` and ``python_gc_*`` series, read at scrape time."""
+class ProcessMetrics:
+    """The library's ``process_*``, ``python_gc_*`` and ``python_info`` series, plus two of
+    Hapax's own (``python_gc_pause_seconds``, ``python_gc_frozen_objects``); read at scrape time."""
 
-    def __init__(self, r: Registry) -> None:
-        self.cpu = r.add(Counter("process_cpu_seconds_total", "User and system CPU time spent, in seconds."))
-        self.rss = r.add(Gauge("process_resident_memory_bytes", "Resident memory size in bytes."))
-        self.fds = r.add(Gauge("process_open_fds", "Open file descriptors."))
-        self.max_fds = r.add(Gauge("process_max_fds", "Soft limit on open file descriptors."))
-        self.start = r.add(Gauge("process_start_time_seconds", "Start time of the process, Unix seconds."))
-        self.gc_collections = r.add(Counter(
-            "python_gc_collections_total", "Garbage collections, by generation.", ("generation",),
-        ))
-        self.gc_collected = r.add(Counter(
-            "python_gc_objects_collected_total", "Objects the collector freed, by generation.", ("generation",),
-        ))
+    def __init__(self) -> None:
+        # The library's own instances (its default registry's); we only call their collect().
+        self._collectors = (PROCESS_COLLECTOR, GC_COLLECTOR, PLATFORM_COLLECTOR)
+        r = self._own = Registry()
         self.gc_pause = r.add(Histogram(
             "python_gc_pause_seconds", "Time the collector stopped the process, by generation.",
             ("generation",), buckets=GC_BUCKETS,
@@ -506,28 +573,113 @@ class _ProcessMetrics:
             "python_gc_frozen_objects", "Objects gc.freeze() moved out of the collector's reach.",
         ))
         self._gc = _gc()
-        self._pauses_seen: list[list[float]] = []
-        self.start.set(to=round(_STARTED, 3))
-        r.on_collect(self.collect)
-        self.collect()
-
-    def collect(self) -> None:
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        self.cpu._values[()] = ru.ru_utime + ru.ru_stime
-        try:
-            with open("/proc/self/statm", "rb") as f:
-                self.rss.set(to=int(f.read().split()[1]) * _PAGE)
-            self.fds.set(to=len(os.listdir("/proc/self/fd")))
-        except OSError:  # not Linux: resident size from getrusage (peak, KiB), no fd count
-            self.rss.set(to=ru.ru_maxrss * 1024)
-        self.max_fds.set(to=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-        self.gc_frozen.set(to=gc.get_freeze_count())
-        st = self._gc
         for g in range(3):
-            label = str(g)
-            self.gc_collections._values[(label,)] = st.collections[g]
-            self.gc_collected._values[(label,)] = st.collected[g]
-            pauses, st.pauses[g] = st.pauses[g], []
-            self.gc_pause.zero(label)
+            self.gc_pause.zero(str(g))
+        r.on_collect(self._refresh)
+
+    def _refresh(self) -> None:
+        self.gc_frozen.set(to=gc.get_freeze_count())
+        for g, label in enumerate(("0", "1", "2")):
+            pauses, self._gc.pauses[g] = self._gc.pauses[g], []
             for p in pauses:
                 self.gc_pause.observe(p, label)
+
+    def freeze(self) -> Frozen:
+        """Hapax's own two, copied on the event loop (the GC hook appends from it)."""
+        return self._own.freeze()
+
+    def families(self, frozen: Frozen) -> Iterator[Metric]:
+        """All of them; the library's collectors read /proc and ``gc`` now (any thread)."""
+        for c in self._collectors:
+            yield from c.collect()
+        yield from families(frozen)
+
+    def data(self, frozen: Frozen) -> list[FamilyData]:
+        """These families as plain data, for a sibling worker to show with a ``worker`` label."""
+        return [[f.name, f.documentation, f.type, f.unit, [[s.name, s.labels, s.value] for s in f.samples]]
+                for f in self.families(frozen)]
+
+
+def _labelled(data: FamilyData, worker: str) -> Metric:
+    name, doc, typ, unit, samples = data
+    f = Metric(name, doc, typ, unit)
+    for sname, labels, value in samples:
+        f.add_sample(sname, {**labels, "worker": worker}, value)
+    return f
+
+
+#: What ``Exposition.snapshot`` returns (and a sibling worker sends): plain data only.
+Snapshot = dict[str, Any]
+
+
+class _Families:
+    """What the library's encoders take: anything with ``collect()``."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class Exposition:
+    """``GET /metrics``: this process's metrics, merged with its sibling workers', encoded by
+    ``prometheus_client`` in the format the scraper's ``Accept`` header asks for.
+
+    Two steps, so a large registry never holds up the event loop: ``freeze`` copies the
+    values (on the loop, cheap), then ``encode`` or ``snapshot`` builds the output from the
+    copy (milliseconds per thousand series: the node runs it in a thread).
+    """
+
+    def __init__(self, metrics: GatewayMetrics, *, worker: int = 0, workers: int = 1) -> None:
+        self.metrics = metrics
+        self.worker = worker
+        self.workers = workers
+
+    def freeze(self) -> tuple[Frozen, Frozen]:
+        return self.metrics.registry.freeze(), self.metrics.process.freeze()
+
+    def snapshot(self, frozen: tuple[Frozen, Frozen]) -> Snapshot:
+        """This worker's values, for the sibling that is being scraped."""
+        return {
+            "worker": self.worker, "pid": os.getpid(),
+            "metrics": plain(frozen[0]), "process": self.metrics.process.data(frozen[1]),
+        }
+
+    def render(self, accept: str | None, peers: Sequence[Snapshot] = ()) -> tuple[bytes, str]:
+        """``encode`` of the values now, in the calling thread."""
+        return self.encode(self.freeze(), accept, peers)
+
+    def encode(
+        self, frozen: tuple[Frozen, Frozen], accept: str | None, peers: Sequence[Snapshot] = ()
+    ) -> tuple[bytes, str]:
+        """The exposition body and its content type; ``peers`` are sibling workers' snapshots."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(_Families(self._families(frozen, peers))), content_type
+
+    def _families(self, frozen: tuple[Frozen, Frozen], peers: Sequence[Snapshot]) -> Iterator[Metric]:
+        """The families of the node's totals."""
+        yield from families(frozen[0], [p["metrics"] for p in peers])
+        info = GaugeMetricFamily(
+            "hapax_worker_info", "Always 1 per worker process whose metrics this scrape includes.",
+            labels=("worker", "pid"),
+        )
+        info.add_metric((str(self.worker), str(os.getpid())), 1)
+        for p in peers:
+            info.add_metric((str(p["worker"]), str(p["pid"])), 1)
+        yield info
+        yield GaugeMetricFamily("hapax_workers", "Worker processes the node runs.", value=self.workers)
+        if self.workers == 1 and not peers:
+            yield from self.metrics.process.families(frozen[1])
+            return
+        # One series per worker: a sum of start times or of fd limits means nothing.
+        by_name: dict[str, Metric] = {}
+        for worker, data in [(str(self.worker), self.metrics.process.data(frozen[1])),
+                             *((str(p["worker"]), p["process"]) for p in peers)]:
+            for fd in data:
+                f = _labelled(fd, worker)
+                if f.name in by_name:
+                    by_name[f.name].samples.extend(f.samples)
+                else:
+                    by_name[f.name] = f
+        yield from by_name.values()

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
 import orjson
 
@@ -37,7 +37,7 @@ from ._errors import (
 )
 from ._exchange import Exchange
 from ._http import Request, Response
-from ._metrics import GatewayMetrics
+from ._metrics import Exposition, GatewayMetrics, Snapshot
 from ._routes import BuiltinRoutes, _route_name
 from ._sse import SSEEvent, encode
 from .access import AccessControl, AccessGrant, Principal
@@ -103,6 +103,10 @@ class Gateway(BuiltinRoutes):
         config = snapshot.config
         self.access_sink: AccessSink = access_sink or LoggingAccessSink()
         self.metrics = metrics or GatewayMetrics()
+        #: ``GET /metrics``; the node replaces it to say which worker of how many this is.
+        self.exposition = Exposition(self.metrics)
+        #: Set by the node when it runs several workers: their snapshots, for the node's totals.
+        self.metrics_peers: Callable[[], Awaitable[Sequence[Snapshot]]] | None = None
         self.access = access or AccessControl(config)
         self.access.attach(self.metrics)
         self.dispatcher = dispatcher or Dispatcher(metrics=self.metrics)
@@ -181,6 +185,8 @@ class Gateway(BuiltinRoutes):
                 if req.method != "POST":
                     raise MethodNotAllowed(f"{req.path} accepts POST only")
                 resp = await self._model_call(req, ex, op_route[0], rt)
+            elif req.path == "/metrics" and req.method in ("GET", "HEAD"):
+                resp = await self._metrics_page(req)
             elif req.path.startswith("/admin/"):
                 admin = await self.access.handle_admin(req, ex)
                 if admin is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -10,6 +12,7 @@ from ._access_log import AccessLog
 from ._errors import MethodNotAllowed, ModelNotFound, RouteNotFound
 from ._exchange import Exchange
 from ._http import Request, Response
+from ._metrics import Exposition, Snapshot
 from .access import AccessControl, Permission
 from .routing import Dispatcher, Runtime
 
@@ -25,6 +28,8 @@ class BuiltinRoutes(AccessLog):
     dispatcher: Dispatcher
     started_at: int
     draining: bool
+    exposition: Exposition
+    metrics_peers: Callable[[], Awaitable[Sequence[Snapshot]]] | None
 
     async def _builtin(self, req: Request, ex: Exchange) -> Response:
         path = req.path
@@ -44,12 +49,6 @@ class BuiltinRoutes(AccessLog):
             # it needs "view cluster", like /admin/cluster; with none it stays open.
             await self.access.authorize(req, ex, Permission.VIEW_CLUSTER)
             return _json(200, self.dispatcher.snapshot(self.runtime))
-        if path == "/metrics":
-            return Response(
-                200,
-                {"content-type": "text/plain; version=0.0.4; charset=utf-8"},
-                self.metrics.registry.render(),
-            )
         rt = self.runtime
         if path == "/v1/models":
             # Aliases are listed too: a client that discovers models here can call any name it sees.
@@ -60,6 +59,14 @@ class BuiltinRoutes(AccessLog):
         if m is None:
             raise ModelNotFound(f"the model '{public}' does not exist", param="model")
         return _json(200, self._model_entry(public, m.owned_by))
+
+    async def _metrics_page(self, req: Request) -> Response:
+        peers = await self.metrics_peers() if self.metrics_peers is not None else ()
+        # Copied on the loop, encoded in a thread: thousands of series take milliseconds.
+        body, content_type = await asyncio.to_thread(
+            self.exposition.encode, self.exposition.freeze(), req.headers.get("accept"), peers
+        )
+        return Response(200, {"content-type": content_type}, body)
 
     def _model_entry(self, name: str, owned_by: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.started_at, "owned_by": owned_by}

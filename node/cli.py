@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from hapax import ConfigError, HapaxError, __version__, config_schema, default_config, load_config
 from hapax.config import Config, StateConfig, config_findings
 
-from . import access_cli
+from . import access_cli, logs
+from .workers import Supervisor, WorkerIdentity, check_shared_state, parse_workers, resolve_workers, stop_timeout
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="share state through this Redis (state.redis.url; env HAPAX_REDIS_URL)")
     s.add_argument("--cluster", metavar="NAME",
                    help="namespace of the shared state (state.cluster; env HAPAX_CLUSTER, default hapax)")
+    s.add_argument("--workers", metavar="N", type=_workers_arg,
+                   help="processes serving the port (server.workers; default 1; 'auto': one per core); "
+                   "above 1 needs --redis")
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     v = csub.add_parser("validate", help="check a config file; print every problem, exit 1 if any")
@@ -45,9 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _workers_arg(text: str) -> int | str:
+    try:
+        return parse_workers(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a count of at least 1 or 'auto', not {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure is one ``error: ...`` line on stderr and exit 1."""
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
         return _run(args)
     except ConfigError as exc:
@@ -95,8 +108,21 @@ def _run(args: argparse.Namespace) -> int:
             return with_state_overrides(cfg, redis=args.redis, cluster=args.cluster, env=os.environ)
 
         cfg = prepare(load_config(args.config) if args.config else default_config())
-        serve(cfg, config_path=args.config, prepare=prepare)
-        return 0
+        identity = WorkerIdentity.from_env(os.environ)
+        if identity is not None:  # started by a supervisor: serve as its worker
+            serve(cfg, config_path=args.config, prepare=prepare, identity=identity)
+            return 0
+        count = resolve_workers(args.workers if args.workers is not None else cfg.server.workers)
+        check_shared_state(cfg, count, os.environ)
+        if count == 1:
+            serve(cfg, config_path=args.config, prepare=prepare)
+            return 0
+        logs.configure(cfg.logging)
+        logs.WRITER.shared()  # the workers write to the same stderr
+        try:
+            return Supervisor(args.argv, count, stop_timeout=stop_timeout(cfg)).run()
+        finally:
+            logs.flush()
     return 2
 
 

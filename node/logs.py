@@ -24,6 +24,7 @@ import atexit
 import collections
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,13 @@ class LineWriter:
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._reported = 0
+        self._piece: int | None = None
+
+    def shared(self) -> None:
+        """Other processes write to the same fd (sibling workers): write in pieces of whole
+        lines no larger than ``PIPE_BUF``, which a pipe never interleaves with another
+        writer's, so no line is cut by a sibling's."""
+        self._piece = select.PIPE_BUF
 
     def write(self, line: bytes, *, urgent: bool = False) -> None:
         """Queue one line (newline included); ``urgent`` wakes the writer now."""
@@ -103,8 +111,22 @@ class LineWriter:
                                   {"dropped": dropped - self._reported})
                 self._reported = dropped
                 batch.append(note)
-            if batch:
+            if not batch:
+                return
+            if self._piece is None:
                 self._write_all(b"".join(batch))
+                return
+            # Pieces of whole lines, each at most PIPE_BUF: the kernel never splits one.
+            piece: list[bytes] = []
+            size = 0
+            for line in batch:
+                if size + len(line) > self._piece and piece:
+                    self._write_all(b"".join(piece))
+                    piece, size = [], 0
+                piece.append(line)
+                size += len(line)
+            if piece:
+                self._write_all(b"".join(piece))
         finally:
             self._io.release()
 

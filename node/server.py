@@ -23,11 +23,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 from aiohttp import web
 
 from hapax import (
     ClientWriteTimeout,
     Config,
+    Exposition,
     Gateway,
     GatewayMetrics,
     HapaxError,
@@ -41,18 +43,20 @@ from hapax.config import ConfigEvent, ConfigRejected, ConfigSource, config_findi
 from hapax.routing import Dispatcher
 from hapax.state import AccessState, FailoverState, MemoryState, RedisState
 
-from . import limits, logs
+from . import limits, logs, peers
 from .config_watch import FileConfigSource
+from .peers import PeerServer
 from .protocol import SERVER_HEADER, GuardedHandler, Listener
 from .state import RoutingState
 from .upstream import transport_factory
+from .workers import WorkerIdentity
 
 log = logging.getLogger("hapax.node")
 
 #: Seconds to write a cut stream's closing events; a client that takes none is dropped.
 _CUT_WRITE_TIMEOUT: Final = 1.0
 #: Seconds open streams get to take their closing events when the shutdown grace ends.
-_CUT_WAIT: Final = 2.0
+CUT_WAIT: Final = 2.0
 #: Seconds between checks of the file-descriptor use.
 _FD_CHECK_INTERVAL: Final = 5.0
 
@@ -66,8 +70,10 @@ class FrontDoor:
     stopped reading, the end of the shutdown grace) with the right record.
     """
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, *, worker: str | None = None) -> None:
         self.gateway = gateway
+        #: ``x-hapax-worker`` on every response of a node with several workers: which one answered.
+        self.worker = worker
         #: Set by ``Node.start``; counts and logs closes the front door decides.
         self.listener: Listener | None = None
         self.shutting_down = False
@@ -101,6 +107,8 @@ class FrontDoor:
                     body, reject = await self._read_body(request, limit, srv.body_timeout)
         resp = await self.gateway.handle(_request(request, body), reject=reject)
         resp.headers["server"] = SERVER_HEADER
+        if self.worker is not None:
+            resp.headers["x-hapax-worker"] = self.worker
         if resp.stream is None:
             out = web.Response(status=resp.status, body=resp.body, headers=resp.headers)
             if reject is not None:
@@ -215,11 +223,13 @@ class Node:
         config_path: Path | None = None,
         prepare: Callable[[Config], Config] | None = None,
         source: ConfigSource | None = None,
+        identity: WorkerIdentity | None = None,
     ) -> None:
         """``source`` is where new configs come from; by default the file at ``config_path``
         (``prepare`` applies the command line's overrides to each), or none (no reloads)."""
         self.config = config
         self.config_path = config_path
+        self.identity = identity or WorkerIdentity()
         if source is None and config_path is not None:
             source = FileConfigSource(
                 config_path, config, prepare=prepare,
@@ -261,9 +271,22 @@ class Node:
         logs.WRITER.on_drop = self.gateway.metrics.log_lines_dropped.inc
         self._stop = asyncio.Event()
         self._runner: web.ServerRunner | None = None
-        self.front = FrontDoor(self.gateway)
+        ident = self.identity
+        self.front = FrontDoor(self.gateway, worker=str(ident.index) if ident.count > 1 else None)
+        self.gateway.exposition = Exposition(self.gateway.metrics, worker=ident.index, workers=ident.count)
+        self._peers: PeerServer | None = None
+        if ident.count > 1 and ident.runtime_dir is not None:
+            run_dir, count, me = ident.runtime_dir, ident.count, ident.index
+            self._peers = PeerServer(run_dir, me, self._snapshot)
+            self.gateway.metrics_peers = lambda: peers.gather(run_dir, count, me)
         self._fd_watch: asyncio.Task[None] | None = None
         self.addresses: list[str] = []
+
+    async def _snapshot(self) -> bytes:
+        """This worker's values for a sibling: copied on the loop, encoded in a thread."""
+        expo = self.gateway.exposition
+        frozen = expo.freeze()
+        return await asyncio.to_thread(lambda: orjson.dumps(expo.snapshot(frozen)))
 
     async def start(self) -> None:
         srv = self.config.server
@@ -292,8 +315,13 @@ class Node:
         site = web.TCPSite(self._runner, srv.host, srv.port, reuse_port=True, backlog=srv.listen_backlog)
         await site.start()
         self.addresses = [f"{a[0]}:{a[1]}" for a in self._runner.addresses if isinstance(a, tuple)]
+        if self._peers is not None:
+            await self._peers.start()
         self.gateway.start()
-        log.info("listening", extra={"fields": {"addresses": self.addresses}})
+        fields: dict[str, Any] = {"addresses": self.addresses}
+        if self.identity.count > 1:
+            fields.update(worker=self.identity.index, workers=self.identity.count)
+        log.info("listening", extra={"fields": fields})
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -301,6 +329,9 @@ class Node:
             loop.add_signal_handler(sig, self._stop.set)
         if self.source is not None:
             loop.add_signal_handler(signal.SIGHUP, self.source.poke)
+        fd = self.identity.supervisor_fd
+        if fd is not None:
+            loop.add_reader(fd, self._supervisor_gone, fd)
         await self.start()
         watcher = asyncio.create_task(self._watch_config())
         try:
@@ -308,6 +339,12 @@ class Node:
         finally:
             watcher.cancel()
             await self.drain()
+
+    def _supervisor_gone(self, fd: int) -> None:
+        """The supervisor's end of the pipe closed: it died (it never writes). Drain and exit."""
+        asyncio.get_running_loop().remove_reader(fd)
+        log.error("the supervisor is gone; draining this worker")
+        self._stop.set()
 
     async def drain(self) -> None:
         grace = self.gateway.runtime.config.server.shutdown_grace
@@ -328,10 +365,12 @@ class Node:
         left = self.gateway.in_flight
         if self.front.cut_streams():
             # Streams still open at the end of the grace get an error event, not a silent cut.
-            cut_deadline = time.monotonic() + _CUT_WAIT
+            cut_deadline = time.monotonic() + CUT_WAIT
             while self.front.open_streams and time.monotonic() < cut_deadline:
                 await asyncio.sleep(0.02)
         await self._runner.cleanup()
+        if self._peers is not None:
+            await self._peers.aclose()
         if self.shared is not None:
             # Before the access state closes the Redis client they share.
             await self.shared.aclose()
@@ -382,6 +421,8 @@ class Node:
             old.state.redis, old.state.cluster, old.state.lease_seconds
         ):
             log.warning("state.redis, state.cluster and state.lease_seconds take effect on restart only")
+        if cfg.server.workers != old.server.workers:
+            log.warning("server.workers changes take effect on restart only")
         logs.configure(cfg.logging)
         rt = self.gateway.apply(event)
         m.config_reloads.inc("success")
@@ -474,10 +515,17 @@ def tune_gc() -> None:
 
 
 def serve(
-    config: Config, *, config_path: Path | None = None, prepare: Callable[[Config], Config] | None = None
+    config: Config,
+    *,
+    config_path: Path | None = None,
+    prepare: Callable[[Config], Config] | None = None,
+    identity: WorkerIdentity | None = None,
 ) -> None:
-    """Run a node on ``config`` until SIGTERM; ``prepare`` is re-applied to each reloaded file."""
+    """Run a node on ``config`` until SIGTERM; ``prepare`` is re-applied to each reloaded file.
+    ``identity`` says which worker of a supervisor's this process is (``--workers``)."""
     logs.configure(config.logging)
+    if identity is not None and identity.count > 1:
+        logs.WRITER.shared()  # siblings write to the same stderr
     log_findings(config)
     if config_path is None:
         log.warning("no --config given: serving the embedded demo (mock provider, memory state)")
@@ -487,7 +535,7 @@ def serve(
         runner = asyncio.run
     else:
         runner = uvloop.run
-    node = Node(config, config_path=config_path, prepare=prepare)
+    node = Node(config, config_path=config_path, prepare=prepare, identity=identity)
     tune_gc()
     try:
         runner(node.run())

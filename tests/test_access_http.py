@@ -445,10 +445,10 @@ def test_budgets_hold_under_concurrency_and_usage_adds_up(gateway: Callable[...,
 
     metrics = httpx.get(gw.url + "/metrics", timeout=10).text
     cost_line = next(line for line in metrics.splitlines()
-                     if line.startswith('hapax_cost_usd_total{team="alpha",model="slow"}'))
+                     if line.startswith('hapax_cost_usd_total{model="slow",team="alpha"}'))
     assert float(cost_line.split()[-1]) == pytest.approx(0.035)
-    assert 'hapax_limited_total{scope="team",limit="daily_usd"}' in metrics
-    assert 'hapax_team_requests_total{team="beta",model="slow"} 4' in metrics
+    assert 'hapax_limited_total{limit="daily_usd",scope="team"}' in metrics
+    assert 'hapax_team_requests_total{model="slow",team="beta"} 4' in metrics
 
     # Budgets survive a restart: spend is rebuilt from the usage ledger.
     gw.stop()

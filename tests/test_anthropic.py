@@ -384,7 +384,7 @@ def test_translated_stream_usage_in_metrics(ac: anthropic.Anthropic, oc: openai.
     metrics = httpx.get(gw.url + "/metrics", timeout=5).text
 
     def tokens(model: str, direction: str) -> float:
-        m = re.search(rf'^hapax_tokens_total{{model="{model}",provider="\w+",direction="{direction}"}} (\S+)$',
+        m = re.search(rf'^hapax_tokens_total{{direction="{direction}",model="{model}",provider="\w+"}} (\S+)$',
                       metrics, re.M)
         assert m is not None, metrics
         return float(m.group(1))

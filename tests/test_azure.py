@@ -183,7 +183,7 @@ def test_usage_is_counted_in_metrics(client: openai.OpenAI, gw: GatewayProcess) 
     client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     list(client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True))
     text = httpx.get(gw.url + "/metrics", timeout=5).text
-    m = re.search(r'hapax_tokens_total\{model="gpt-4o",provider="az",direction="input"\} (\d+)', text)
+    m = re.search(r'hapax_tokens_total\{direction="input",model="gpt-4o",provider="az"\} (\d+)', text)
     assert m is not None and int(m.group(1)) == 20
-    m = re.search(r'hapax_tokens_total\{model="gpt-4o",provider="az",direction="output"\} (\d+)', text)
+    m = re.search(r'hapax_tokens_total\{direction="output",model="gpt-4o",provider="az"\} (\d+)', text)
     assert m is not None and int(m.group(1)) == 6

@@ -536,7 +536,7 @@ def test_usage_is_counted_in_metrics(client: openai.OpenAI, gw: GatewayProcess) 
     text = httpx.get(gw.url + "/metrics", timeout=5).text
 
     def count(model: str, direction: str) -> int:
-        m = re.search(rf'hapax_tokens_total\{{model="{model}",provider="gm",direction="{direction}"\}} (\d+)', text)
+        m = re.search(rf'hapax_tokens_total\{{direction="{direction}",model="{model}",provider="gm"\}} (\d+)', text)
         assert m is not None, text
         return int(m.group(1))
 

@@ -166,12 +166,12 @@ def test_metrics_and_health(gw: GatewayProcess) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="who", messages=[{"role": "user", "content": "hi"}])
     text = httpx.get(gw.url + "/metrics").text
-    assert 'hapax_requests_total{route="chat_completions",model="demo",provider="demo",status="200"} 2' in text
+    assert 'hapax_requests_total{model="demo",provider="demo",route="chat_completions",status="200"} 2' in text
     # An unknown model name never becomes a label value.
     assert 'model="who"' not in text
-    assert ('hapax_errors_total{route="chat_completions",model="none",type="invalid_request_error",'
-            'code="model_not_found"} 1') in text
-    assert 'hapax_tokens_total{model="demo",provider="demo",direction="output"}' in text
+    assert ('hapax_errors_total{code="model_not_found",model="none",route="chat_completions",'
+            'type="invalid_request_error"} 1') in text
+    assert 'hapax_tokens_total{direction="output",model="demo",provider="demo"}' in text
     assert 'hapax_time_to_first_token_seconds_count{model="demo",provider="demo"} 1' in text
     assert "hapax_gateway_overhead_seconds_bucket" in text
     assert "hapax_requests_in_flight 1" in text  # the scrape itself

@@ -55,11 +55,11 @@ def test_counters_exist_at_zero_before_any_request(gateway: Callable[..., Gatewa
     gw = gateway(_config())
     m = _metrics(gw)
     for series in (
-        'hapax_requests_total{route="chat_completions",model="demo",provider="demo",status="200"}',
-        'hapax_requests_total{route="messages",model="down",provider="down",status="502"}',
-        'hapax_errors_total{route="chat_completions",model="demo",type="api_error",code="upstream_unavailable"}',
-        'hapax_errors_total{route="embeddings",model="down",type="rate_limit_error",code="rate_limit_exceeded"}',
-        'hapax_tokens_total{model="demo",provider="demo",direction="output"}',
+        'hapax_requests_total{model="demo",provider="demo",route="chat_completions",status="200"}',
+        'hapax_requests_total{model="down",provider="down",route="messages",status="502"}',
+        'hapax_errors_total{code="upstream_unavailable",model="demo",route="chat_completions",type="api_error"}',
+        'hapax_errors_total{code="rate_limit_exceeded",model="down",route="embeddings",type="rate_limit_error"}',
+        'hapax_tokens_total{direction="output",model="demo",provider="demo"}',
         'hapax_upstream_attempts_total{deployment="demo/demo-up",outcome="ok"}',
         'hapax_upstream_attempts_total{deployment="down/down",outcome="upstream_timeout"}',
         'hapax_circuit_transitions_total{deployment="down/down",to="open"}',
@@ -67,14 +67,14 @@ def test_counters_exist_at_zero_before_any_request(gateway: Callable[..., Gatewa
         'hapax_failovers_total{model="down"}',
         'hapax_config_reloads_total{result="failure"}',
         'hapax_auth_failures_total{reason="unknown"}',
-        'hapax_limited_total{scope="team",limit="daily_usd"}',
+        'hapax_limited_total{limit="daily_usd",scope="team"}',
         'hapax_queue_rejections_total{reason="queue_timeout"}',
-        'hapax_team_requests_total{team="blue",model="demo"}',
-        'hapax_cost_usd_total{team="blue",model="down"}',
+        'hapax_team_requests_total{model="demo",team="blue"}',
+        'hapax_cost_usd_total{model="down",team="blue"}',
         "hapax_log_lines_dropped_total",
     ):
         assert m.get(series) == 0, series
-    assert m[f'hapax_build_info{{version="{hapax.__version__}",python="{platform.python_version()}"}}'] == 1
+    assert m[f'hapax_build_info{{python="{platform.python_version()}",version="{hapax.__version__}"}}'] == 1
     assert m["process_cpu_seconds_total"] > 0
     assert m["process_resident_memory_bytes"] > 10_000_000
     assert m["process_open_fds"] >= 3
@@ -98,14 +98,15 @@ def test_latency_by_model_status_class_and_deployment(gateway: Callable[..., Gat
     client.close()
     m = _metrics(gw)
     dur = "hapax_request_duration_seconds_count"
-    assert m[f'{dur}{{route="chat_completions",model="demo",status_class="2xx"}}'] == 2
-    assert m[f'{dur}{{route="chat_completions",model="down",status_class="5xx"}}'] == 1
-    assert m[f'{dur}{{route="chat_completions",model="none",status_class="4xx"}}'] == 1
-    assert m['hapax_upstream_duration_seconds_count{provider="demo",deployment="demo/demo-up"}'] == 2
-    assert m['hapax_upstream_duration_seconds_count{provider="down",deployment="down/down"}'] == 1
-    errors = 'hapax_errors_total{route="chat_completions",'
-    assert m[errors + 'model="down",type="api_error",code="upstream_unavailable"}'] == 1
-    assert m[errors + 'model="none",type="invalid_request_error",code="model_not_found"}'] == 1
+    assert m[f'{dur}{{model="demo",route="chat_completions",status_class="2xx"}}'] == 2
+    assert m[f'{dur}{{model="down",route="chat_completions",status_class="5xx"}}'] == 1
+    assert m[f'{dur}{{model="none",route="chat_completions",status_class="4xx"}}'] == 1
+    assert m['hapax_upstream_duration_seconds_count{deployment="demo/demo-up",provider="demo"}'] == 2
+    assert m['hapax_upstream_duration_seconds_count{deployment="down/down",provider="down"}'] == 1
+    errors = 'hapax_errors_total{code="upstream_unavailable",model="down",route="chat_completions",type="api_error"}'
+    assert m[errors] == 1
+    errors = 'hapax_errors_total{code="model_not_found",model="none",route="chat_completions",'
+    assert m[errors + 'type="invalid_request_error"}'] == 1
     assert not any('model="nope"' in k for k in m)  # client input never becomes a label
 
 
@@ -230,7 +231,7 @@ def test_a_reload_adds_the_new_models_series_at_zero(gateway: Callable[..., Gate
     models = [*cfg["models"], {"name": "extra", "provider": "demo", "model": "extra-up"}]  # type: ignore[misc]
     gw.write_config({**cfg, "models": models})
     gw.signal(signal.SIGHUP)
-    want = ('hapax_requests_total{route="chat_completions",model="extra",provider="demo",status="502"}',
+    want = ('hapax_requests_total{model="extra",provider="demo",route="chat_completions",status="502"}',
             'hapax_upstream_attempts_total{deployment="demo/extra-up",outcome="ok"}')
     deadline = time.monotonic() + 10
     while not all(k in (m := _metrics(gw)) for k in want) and time.monotonic() < deadline:

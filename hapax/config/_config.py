@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -198,6 +198,9 @@ class ServerConfig(_Model):
     #: Connections the kernel queues before accept(); the kernel caps it at net.core.somaxconn.
     #: 1,024 overflowed when 2,000 streams arrived together (SYNs dropped, 1/3/7 s retries).
     listen_backlog: int = Field(DEFAULT_LISTEN_BACKLOG, ge=1, description="pending connections")
+    #: Processes serving the port (SO_REUSEPORT), or ``auto``: one per core the node may run on.
+    #: Above 1 it needs ``state.redis.url``; read at start-up only (``--workers`` overrides it).
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, description="processes, or auto")
 
 
 #: Long enough that renewal (every third of it) survives a busy loop or a Redis blip;
