@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from hapax import Config, HapaxError
+from hapax import Config, ConfigError
 
 log = logging.getLogger("hapax.node")
 
@@ -64,12 +64,8 @@ HEALTHY_UPTIME: Final = 10.0
 STOP_MARGIN: Final = 10.0
 
 
-class WorkersRefused(HapaxError):
-    """``--workers`` above 1 without shared state."""
-
-    status = 400
-    type = "invalid_request_error"
-    code = "workers_need_redis"
+class WorkersRefused(ConfigError):
+    """``--workers`` that cannot be run: below 1, or above 1 without shared state."""
 
 
 @dataclass(frozen=True)
