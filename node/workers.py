@@ -185,20 +185,25 @@ class Supervisor:
         delay = RESTART_DELAY
         while not self._stop.is_set():
             started = time.monotonic()
-            proc = await self._spawn(index)
-            self.procs[index] = proc
-            log.info("worker started", extra={"fields": {"worker": index, "pid": proc.pid}})
-            code = await proc.wait()
-            lived = time.monotonic() - started
-            if self._stop.is_set():
-                log.info("worker stopped", extra={"fields": {"worker": index, "pid": proc.pid, "exit": code}})
-                return
-            delay = RESTART_DELAY if lived >= HEALTHY_UPTIME else delay
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            log.error("worker died; restarting it", extra={"fields": {
-                "worker": index, "pid": proc.pid, "how": how, "uptime_s": round(lived, 3),
-                "restart_in_s": delay,
-            }})
+            try:
+                proc = await self._spawn(index)
+            except OSError as exc:  # no process at all (out of memory, pids): back off likewise
+                log.error("could not start a worker; retrying", extra={"fields": {
+                    "worker": index, "error": str(exc), "restart_in_s": delay}})
+            else:
+                self.procs[index] = proc
+                log.info("worker started", extra={"fields": {"worker": index, "pid": proc.pid}})
+                code = await proc.wait()
+                lived = time.monotonic() - started
+                if self._stop.is_set():
+                    log.info("worker stopped", extra={"fields": {"worker": index, "pid": proc.pid, "exit": code}})
+                    return
+                delay = RESTART_DELAY if lived >= HEALTHY_UPTIME else delay
+                how = _how(code)
+                log.error("worker died; restarting it", extra={"fields": {
+                    "worker": index, "pid": proc.pid, "how": how, "uptime_s": round(lived, 3),
+                    "restart_in_s": delay,
+                }})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
             delay = min(delay * 2, MAX_RESTART_DELAY)
@@ -213,6 +218,16 @@ class Supervisor:
             ENV_SUPERVISOR_FD: str(self._pipe_r),
         }
         return await asyncio.create_subprocess_exec(*self.cmd, env=env, pass_fds=(self._pipe_r,))
+
+
+def _how(code: int) -> str:
+    """How a process ended, from its return code (negative: the signal that killed it)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 def stop_timeout(cfg: Config) -> float:
