@@ -3,6 +3,7 @@ showing the node's totals whichever worker a scrape lands on."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -240,3 +241,32 @@ def test_every_worker_applies_a_changed_config_file(gateway: Callable[..., Gatew
     wait_for(both_updated, timeout=20, what="both workers to list the new model")
     # Log lines are written in batches: wait for both workers' lines, bounded.
     wait_for(lambda: gw.logs().count('"msg":"config reloaded"') == 2, timeout=5, what="both reload log lines")
+
+
+async def test_four_workers_sharing_redis_admit_exactly_the_limit(
+    gateway: Callable[..., GatewayProcess], redis_url: str,
+) -> None:
+    cfg = _config()
+    cfg["limits"] = {"requests_per_minute": 10}
+    gw = gateway(cfg, workers=4, redis=redis_url)
+    gw.wait_workers(4)
+    http = httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0))
+    client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, http_client=http)
+
+    async def call(i: int) -> tuple[int, str]:
+        # Distinct prompts, so no two calls are deduplicated into one.
+        try:
+            raw = await client.chat.completions.with_raw_response.create(
+                model="demo", messages=[{"role": "user", "content": f"hi {i}"}])
+            return 200, raw.headers["x-hapax-worker"]
+        except openai.RateLimitError as exc:
+            return exc.status_code, exc.response.headers["x-hapax-worker"]
+
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(call(i) for i in range(40))), 60)
+    finally:
+        await client.close()
+        await http.aclose()
+    codes = [code for code, _ in results]
+    assert codes.count(200) == 10 and codes.count(429) == 30
+    assert len({worker for _, worker in results}) > 1  # the calls were spread over the workers
