@@ -540,4 +540,8 @@ def serve(
     try:
         runner(node.run())
     finally:
+        # The loop is closed and its signal handlers with it: a repeated SIGTERM (a
+        # supervisor or an impatient operator) would now kill the process mid-flush.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         logs.flush()

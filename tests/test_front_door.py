@@ -185,7 +185,7 @@ def test_client_that_stops_reading_is_cut_and_frees_its_slot(gateway: Callable[.
     with _sock(gw, rcvbuf=4096) as s:
         s.sendall(_post_head("/v1/chat/completions", len(body)) + body)
         # Read nothing. The node's writes back up, and after the write timeout it cuts the stream.
-        _wait(lambda: _metric(gw, 'hapax_connections_closed_total{reason="write_timeout"}') == 1)
+        _wait(lambda: _metric(gw, 'hapax_connections_closed_total{reason="write_timeout"}') == 1, timeout=30)
         # The model's only slot is free again: the next call is answered, not queued behind it.
         r = httpx.post(gw.url + "/v1/chat/completions", timeout=10,
                        json={"model": "long", "messages": [{"role": "user", "content": "x"}]})
