@@ -28,10 +28,11 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgpack
 
+from ._background import Background
 from ._bus import Bus
 from ._dedup import Codec, InFlight, MemoryInFlight
 from ._script import RedisBreaker, RedisUnavailable, Script
@@ -103,8 +104,7 @@ class RedisInFlight(InFlight):
         #: Keys this process leads for the cluster (leases renewed) and keys it follows.
         self._leading: set[str] = set()
         self._following: dict[str, asyncio.Future[bytes | None]] = {}
-        self._renewer: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = Background("hapax-dedup-leases")
         #: Calls answered by another process's leader (tests, logs).
         self.shared_across = 0
         bus.listen(f"{self.prefix}:dd:wake:{self.node}", self._on_result)
@@ -167,7 +167,7 @@ class RedisInFlight(InFlight):
         finally:
             self._leading.discard(key)
             # Committed here, awaited by nobody: followers must hear even if our client left.
-            self._spawn(self._finish(key, blob))
+            self._background.spawn(self._finish(key, blob))
 
     async def _finish(self, key: str, blob: bytes | None) -> None:
         try:
@@ -189,8 +189,7 @@ class RedisInFlight(InFlight):
             await self.script.load()
         except RedisUnavailable as exc:
             log.warning("redis not reachable at start-up for dedup: %s", exc)
-        if self._renewer is None:
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever(), name="hapax-dedup-leases")
+        self._background.start_renewer(self._renew_forever)
 
     async def _renew_forever(self) -> None:
         while True:
@@ -203,15 +202,5 @@ class RedisInFlight(InFlight):
                 except Exception:  # renewal must outlive any one bad round
                     log.exception("dedup lease renewal failed")
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def aclose(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
-            self._renewer = None
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._background.aclose()

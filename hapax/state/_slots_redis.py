@@ -44,6 +44,7 @@ from typing import Any, Literal
 import msgpack
 
 from .._errors import RateLimited
+from ._background import Background
 from ._bus import Bus
 from ._script import RedisBreaker, RedisUnavailable, Script
 from ._slots import Alternatives, Overloaded, Slot, SlotGate, Slots
@@ -280,8 +281,7 @@ class RedisSlots(Slots):
         #: Slots this process holds in Redis: lease id → limited keys (renewed until released).
         self._held: dict[str, list[str]] = {}
         self._waiters: dict[str, _Waiter] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._renewer: asyncio.Task[None] | None = None
+        self._background = Background("hapax-slot-leases")
         bus.listen(f"{self.prefix}:sl:wake:{self.node}", self._on_wake)
         bus.on_connect.append(self._reconcile)
 
@@ -370,7 +370,7 @@ class RedisSlots(Slots):
         except BaseException:
             # The client left: out of the queue, and a slot granted meanwhile goes back.
             self._waiters.pop(wid, None)
-            self._spawn(self._leave(wid, alternatives, limited))
+            self._background.spawn(self._leave(wid, alternatives, limited))
             raise
         self._waiters.pop(wid, None)
         if idx == _LOST:
@@ -423,7 +423,7 @@ class RedisSlots(Slots):
             return
         keys = self._held.pop(wid, None)
         if keys is not None:
-            self._spawn(self._release(wid, keys))
+            self._background.spawn(self._release(wid, keys))
 
     async def _release(self, wid: str, keys: list[str]) -> None:
         try:
@@ -454,8 +454,7 @@ class RedisSlots(Slots):
             await self.script.load()
         except RedisUnavailable as exc:
             log.warning("redis not reachable at start-up for slots: %s", exc)
-        if self._renewer is None:
-            self._renewer = asyncio.get_running_loop().create_task(self._renew_forever(), name="hapax-slot-leases")
+        self._background.start_renewer(self._renew_forever)
 
     async def _renew_forever(self) -> None:
         while True:
@@ -467,7 +466,7 @@ class RedisSlots(Slots):
 
     def _reconcile(self) -> None:
         if self._waiters or self._held:
-            self._spawn(self.renew())
+            self._background.spawn(self.renew())
 
     async def renew(self) -> None:
         """Extend this process's leases, collect grants it missed, and sweep the dead's slots."""
@@ -490,15 +489,5 @@ class RedisSlots(Slots):
         """Stop renewing without releasing: what a process that dies does (tests)."""
         self._held.clear()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def aclose(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
-            self._renewer = None
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._background.aclose()
