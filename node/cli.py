@@ -12,7 +12,7 @@ import orjson
 from pydantic import ValidationError
 
 from hapax import ConfigError, HapaxError, __version__, config_schema, default_config, load_config
-from hapax.config import Config, StateConfig, config_findings
+from hapax.config import ClusterConfig, Config, StateConfig, config_findings
 
 from . import access_cli, logs
 from .workers import Supervisor, WorkerIdentity, check_shared_state, parse_workers, resolve_workers, stop_timeout
@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="share state through this Redis (state.redis.url; env HAPAX_REDIS_URL)")
     s.add_argument("--cluster", metavar="NAME",
                    help="namespace of the shared state (state.cluster; env HAPAX_CLUSTER, default hapax)")
+    s.add_argument("--etcd", metavar="URL[,URL...]",
+                   help="join the cluster whose config, keys and members live in this etcd "
+                   "(cluster.etcd.endpoints; env HAPAX_ETCD_ENDPOINTS)")
     s.add_argument("--workers", metavar="N", type=_workers_arg,
                    help="processes serving the port (server.workers; default 1; 'auto': one per core); "
                    "above 1 needs --redis")
@@ -105,7 +108,8 @@ def _run(args: argparse.Namespace) -> int:
             # The command line wins over the file, on every reload as at start-up.
             if overrides:
                 cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
-            return with_state_overrides(cfg, redis=args.redis, cluster=args.cluster, env=os.environ)
+            return with_state_overrides(cfg, redis=args.redis, cluster=args.cluster, env=os.environ,
+                                        etcd=args.etcd)
 
         cfg = prepare(load_config(args.config) if args.config else default_config())
         identity = WorkerIdentity.from_env(os.environ)
@@ -127,26 +131,32 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def with_state_overrides(cfg: Config, *, redis: str | None, cluster: str | None,
-                         env: Mapping[str, str]) -> Config:
+                         env: Mapping[str, str], etcd: str | None = None) -> Config:
     """Flags beat the environment, which beats the config file."""
     url = redis or env.get("HAPAX_REDIS_URL") or None
     name = cluster or env.get("HAPAX_CLUSTER") or None
-    if url is None and name is None:
+    endpoints = etcd or env.get("HAPAX_ETCD_ENDPOINTS") or None
+    if url is None and name is None and endpoints is None:
         return cfg
     data = cfg.state.model_dump()
     if url is not None:
         data["redis"]["url"] = url
     if name is not None:
         data["cluster"] = name
-    # Validated like the file's own section: a bad URL or cluster name is a clear error.
+    cluster_data = cfg.cluster.model_dump()
+    if endpoints is not None:
+        cluster_data["etcd"]["endpoints"] = tuple(e.strip() for e in endpoints.split(",") if e.strip())
+    # Validated like the file's own sections: a bad URL or cluster name is a clear error.
+    flag = {"redis": "--redis / HAPAX_REDIS_URL", "cluster": "--cluster / HAPAX_CLUSTER",
+            "etcd": "--etcd / HAPAX_ETCD_ENDPOINTS"}
     try:
         state = StateConfig.model_validate(data)
+        cluster_cfg = ClusterConfig.model_validate(cluster_data)
     except ValidationError as exc:
-        flag = {"redis": "--redis / HAPAX_REDIS_URL", "cluster": "--cluster / HAPAX_CLUSTER"}
         raise ConfigError("bad state override", problems=[
             (flag.get(str(e["loc"][0]), str(e["loc"][0])), e["msg"].removeprefix("Value error, "))
             for e in exc.errors()]) from None
-    return cfg.model_copy(update={"state": state})
+    return cfg.model_copy(update={"state": state, "cluster": cluster_cfg})
 
 
 def _validate(path: Path, *, strict: bool, probe: bool = False, probe_timeout: float = 5.0) -> int:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -8,6 +10,7 @@ import anthropic
 import openai
 import pytest
 
+from tests.etcd_server import EtcdServer
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
 from tests.reliability_support import Ups, upstreams
@@ -95,6 +98,22 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """One real etcd for the session; tests isolate by cluster name (``cluster_name``)."""
+    server = EtcdServer().start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def cluster_name(request: pytest.FixtureRequest) -> str:
+    """A cluster name no other test uses: its etcd and Redis keys are this test's alone."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", request.node.name)[:40] + "-" + uuid.uuid4().hex[:6]
 
 
 @pytest.fixture

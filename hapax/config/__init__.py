@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from ._access import AuditConfig, AuthConfig, Budget, GlobalLimits, ModelPrice, RateLimits, TeamConfig, UsageConfig
 from ._config import (
+    ClusterConfig,
     Config,
     CORSConfig,
     Deployment,
+    EtcdConfig,
     LoggingConfig,
     MockSettings,
     ModelConfig,
@@ -43,6 +45,7 @@ __all__ = [
     "BreakerConfig",
     "Budget",
     "CORSConfig",
+    "ClusterConfig",
     "Config",
     "ConfigEvent",
     "ConfigRejected",
@@ -50,6 +53,7 @@ __all__ = [
     "ConfigSource",
     "DedupConfig",
     "Deployment",
+    "EtcdConfig",
     "GlobalLimits",
     "HealthCheckConfig",
     "LoggingConfig",

@@ -244,6 +244,39 @@ class StateConfig(_Model):
     lease_seconds: float = Field(DEFAULT_LEASE_SECONDS, gt=0, description="seconds")
 
 
+class EtcdConfig(_Model):
+    """How a node reaches etcd, where a cluster keeps its config, keys, members and leader."""
+
+    #: ``http://host:2379`` or ``https://host:2379``; empty keeps the node on its own config.
+    endpoints: tuple[str, ...] = ()
+    #: etcd's own authentication; the password is kept out of logs.
+    username: str | None = None
+    password: SecretStr | None = None
+    #: TLS: a CA bundle for the server's certificate, and a client certificate and key.
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    #: Every etcd call is bounded; past this it counts as etcd being unreachable.
+    timeout: float = Field(2.0, gt=0, description="seconds")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_scheme(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for e in v:
+            if not e.startswith(("http://", "https://")):
+                raise ValueError(f"{e!r} must start with http:// or https://")
+        return v
+
+
+class ClusterConfig(_Model):
+    """Cluster mode: nodes sharing one etcd (and the Redis of ``state``) act as one gateway.
+
+    The cluster's name is ``state.cluster``, shared by its etcd and Redis keys.
+    """
+
+    etcd: EtcdConfig = Field(default_factory=EtcdConfig)
+
+
 class LoggingConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -266,6 +299,7 @@ class Config(_Model):
     usage: UsageConfig = Field(default_factory=UsageConfig)
     reliability: ReliabilityConfig = Field(default_factory=ReliabilityConfig)
     state: StateConfig = Field(default_factory=StateConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _cross_check(self) -> Config:
