@@ -5,5 +5,6 @@ is on the request path: a node serves from what the watches last delivered.
 """
 
 from ._etcd import connect
+from ._watch import PrefixWatch
 
-__all__ = ["connect"]
+__all__ = ["PrefixWatch", "connect"]
