@@ -432,7 +432,7 @@ _SUB_FAILURES: Final[tuple[type[BaseException], ...]] = (*REDIS_FAILURES, Runtim
 
 async def _close(pubsub: PubSub) -> None:
     with contextlib.suppress(*REDIS_FAILURES):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis-py 8
 
 
 def _text(v: bytes | str) -> str:

@@ -83,7 +83,7 @@ class Bus:
             finally:
                 self.subscribed.clear()
                 with contextlib.suppress(Exception):
-                    await ps.aclose()  # type: ignore[no-untyped-call]
+                    await ps.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # untyped before redis-py 8
             await asyncio.sleep(RECONNECT_DELAY)
 
     async def aclose(self) -> None:
