@@ -4,7 +4,42 @@ Imported by ``node`` (the composition root); imports only ``hapax``. Nothing her
 is on the request path: a node serves from what the watches last delivered.
 """
 
+from ._config_store import (
+    HISTORY_LIMIT,
+    ConfigStoreError,
+    EtcdUnreachable,
+    History,
+    NothingPushed,
+    Pushed,
+    RevisionConflict,
+    RevisionUnavailable,
+    StoredConfig,
+    config_diff,
+    config_history,
+    current_config,
+    get_config,
+    push_config,
+    rollback_config,
+)
 from ._etcd import connect
 from ._watch import PrefixWatch
 
-__all__ = ["PrefixWatch", "connect"]
+__all__ = [
+    "HISTORY_LIMIT",
+    "ConfigStoreError",
+    "EtcdUnreachable",
+    "History",
+    "NothingPushed",
+    "PrefixWatch",
+    "Pushed",
+    "RevisionConflict",
+    "RevisionUnavailable",
+    "StoredConfig",
+    "config_diff",
+    "config_history",
+    "connect",
+    "current_config",
+    "get_config",
+    "push_config",
+    "rollback_config",
+]

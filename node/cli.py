@@ -12,9 +12,9 @@ import orjson
 from pydantic import ValidationError
 
 from hapax import ConfigError, HapaxError, __version__, config_schema, default_config, load_config
-from hapax.config import ClusterConfig, Config, StateConfig, config_findings
+from hapax.config import ClusterConfig, Config, StateConfig, config_findings, config_from_bytes
 
-from . import access_cli, logs
+from . import access_cli, config_cli, logs
 from .workers import Supervisor, WorkerIdentity, check_shared_state, parse_workers, resolve_workers, stop_timeout
 
 
@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--probe-timeout", type=float, default=5.0, help="seconds per provider (5)")
     csub.add_parser("schema", help="print the config's JSON Schema")
+    config_cli.add_parsers(csub)  # push, get, diff, history, rollback: the cluster's config in etcd
     access_cli.add_parsers(sub)
     return p
 
@@ -94,6 +95,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.config_command == "schema":
             sys.stdout.write(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
             return 0
+        if args.config_command in config_cli.COMMANDS:
+            return config_cli.run(args)
         return _validate(args.file, strict=args.strict, probe=args.probe, probe_timeout=args.probe_timeout)
     if args.command == "serve":
         from .server import serve
@@ -160,25 +163,38 @@ def with_state_overrides(cfg: Config, *, redis: str | None, cluster: str | None,
 
 
 def _validate(path: Path, *, strict: bool, probe: bool = False, probe_timeout: float = 5.0) -> int:
-    try:
-        cfg = load_config(path)
-    except ConfigError as exc:
-        lines = _problem_lines(exc)
-        for line in lines:
-            print(f"error: {line}", file=sys.stderr)
-        print(f"{path}: {len(lines)} error{'s' if len(lines) > 1 else ''}", file=sys.stderr)
+    cfg = checked_config(path, strict=strict)
+    if cfg is None:
         return 1
     findings = config_findings(cfg)
-    for level, msg in findings:
-        print(f"{level}: {msg}", file=sys.stderr)
-    summary = f"{len(cfg.providers)} providers, {len(cfg.models)} models"
-    errors = sum(1 for level, _ in findings if level == "error")
-    if errors or (strict and findings):
-        print(f"{path}: {errors} error(s), {len(findings) - errors} warning(s)", file=sys.stderr)
-        return 1
-    print(f"ok: {summary}" + (f" ({len(findings)} warning(s))" if findings else ""))
+    print(f"ok: {len(cfg.providers)} providers, {len(cfg.models)} models"
+          + (f" ({len(findings)} warning(s))" if findings else ""))
     if probe:
         from .probe import probe_providers
 
         return probe_providers(cfg, timeout=probe_timeout)
     return 0
+
+
+def checked_config(path: Path | str, *, strict: bool, raw: bytes | None = None) -> Config | None:
+    """``hapax config validate``'s verdict, its problems printed to stderr; ``None`` when refused.
+
+    ``raw`` is the file's bytes when the caller read them already (``config push`` validates
+    the bytes it pushes; ``config rollback`` those of an old revision, named by ``path``).
+    """
+    try:
+        cfg = load_config(path) if raw is None else config_from_bytes(raw)
+    except ConfigError as exc:
+        lines = _problem_lines(exc)
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        print(f"{path}: {len(lines)} error{'s' if len(lines) > 1 else ''}", file=sys.stderr)
+        return None
+    findings = config_findings(cfg)
+    for level, msg in findings:
+        print(f"{level}: {msg}", file=sys.stderr)
+    errors = sum(1 for level, _ in findings if level == "error")
+    if errors or (strict and findings):
+        print(f"{path}: {errors} error(s), {len(findings) - errors} warning(s)", file=sys.stderr)
+        return None
+    return cfg
