@@ -20,7 +20,7 @@ bytes and reads them back.
 Every call is bounded by ``timeout`` (``cluster.etcd.timeout``) as its gRPC
 deadline, and gRPC's errors become these at one seam (``_call``)::
 
-    ConfigStoreError (HapaxError)
+    ConfigStoreError
     ├── EtcdUnreachable       refused, or no answer within the timeout
     ├── NothingPushed         the key is empty: no config pushed to this cluster yet
     ├── RevisionConflict      the key moved since it was read, or is not at ``expect``
@@ -39,7 +39,6 @@ import aetcd
 import grpc
 from aetcd import rpc
 
-from hapax import HapaxError
 from hapax.config import digest_of
 
 from ._keys import config_key
@@ -50,28 +49,28 @@ T = TypeVar("T")
 HISTORY_LIMIT: Final = 20
 
 
-class ConfigStoreError(HapaxError):
-    status = 503
-    code = "config_store_error"
+class ConfigStoreError(Exception):
+    """An operator's failure, not a client's: the CLI prints ``message`` as its one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class EtcdUnreachable(ConfigStoreError):
-    code = "etcd_unreachable"
+    pass
 
 
 class NothingPushed(ConfigStoreError):
-    status = 404
-    code = "config_not_pushed"
+    pass
 
 
 class RevisionConflict(ConfigStoreError):
-    status = 409
-    code = "config_revision_conflict"
+    pass
 
 
 class RevisionUnavailable(ConfigStoreError):
-    status = 404
-    code = "config_revision_unavailable"
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +218,11 @@ async def push_config(client: aetcd.Client, cluster: str, data: bytes, *, timeou
         raise RevisionConflict(_moved(cluster, expect, base))
     if now is not None and now.data == data:
         return Pushed(base, base, changed=False)
+    return await _swap(client, cluster, data, base=base, timeout=timeout)
+
+
+async def _swap(client: aetcd.Client, cluster: str, data: bytes, *, base: int, timeout: float) -> Pushed:
+    """Write ``data`` if the key is still at ``base``: the one transaction every write is."""
     key = config_key(cluster)
     txn = rpc.TxnRequest(
         compare=[rpc.Compare(key=key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=base)],
@@ -243,8 +247,10 @@ def _moved(cluster: str, expected: int, found: int, *, racing: bool = False) -> 
             "nothing written (see 'hapax config diff', then push again)")
 
 
-async def rollback_config(client: aetcd.Client, cluster: str, revision: int, *, timeout: float,
-                   check: Callable[[StoredConfig], bool], expect: int | None = None) -> Pushed | None:
+async def rollback_config(
+    client: aetcd.Client, cluster: str, revision: int, *, timeout: float,
+    check: Callable[[StoredConfig], bool], expect: int | None = None,
+) -> Pushed | None:
     """Push the bytes of ``revision`` again, as a new revision; ``None`` when ``check`` refuses them.
 
     ``check`` validates them (a config valid then may not be now: a provider type since

@@ -78,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _COMMANDS[args.config_command](args, etcd, cluster)
     except ConfigStoreError as exc:
+        message = exc.message
         if isinstance(exc, EtcdUnreachable):
-            exc.message = f"etcd at {','.join(etcd.endpoints)}: {exc.message}"
+            message = f"etcd at {','.join(etcd.endpoints)}: {message}"
         if args.config_command == "diff":
-            print(f"error: {exc.message}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
             return DIFF_TROUBLE
-        raise
+        raise ConfigError(message) from None
 
 
 def _with_client(etcd: EtcdConfig, work: Callable[[aetcd.Client], Awaitable[T]]) -> T:

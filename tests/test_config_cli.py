@@ -20,7 +20,8 @@ from typing import Any
 import orjson
 import pytest
 
-from coordinator import connect
+from coordinator import RevisionConflict, connect, push_config
+from coordinator._config_store import _swap
 from coordinator._keys import config_key
 from hapax.config import EtcdConfig
 from tests.etcd_server import EtcdServer
@@ -246,6 +247,28 @@ def test_expect_revision_refuses_a_push_when_someone_else_pushed_meanwhile(cli: 
     assert r.returncode == 0 and orjson.loads(r.stdout)["previous"] == theirs
     # 0: only if nothing was pushed yet.
     assert cli("push", cli.file(GOOD_A), "--expect-revision", "0").returncode == 1
+
+
+async def test_a_write_that_raced_another_is_refused_not_written_over(
+        etcd_server: EtcdServer, cluster_name: str) -> None:
+    """The compare-and-swap under every push: a writer whose read is stale writes nothing.
+
+    A race between two ``hapax`` processes is not reproducible on demand, so this
+    drives the transaction itself with the revision a slower writer would have read.
+    """
+    client = connect(EtcdConfig(endpoints=(etcd_server.url,)))
+    try:
+        first = await push_config(client, cluster_name, GOOD_A, timeout=2)
+        second = await push_config(client, cluster_name, GOOD_B, timeout=2)
+        assert (first.previous, second.previous) == (0, first.revision)
+        with pytest.raises(RevisionConflict, match=f"another push made it revision {second.revision};"):
+            await _swap(client, cluster_name, GOOD_C, base=first.revision, timeout=2)
+        with pytest.raises(RevisionConflict):  # "nothing pushed yet" is a base too
+            await _swap(client, cluster_name, GOOD_C, base=0, timeout=2)
+        got = await client.get(config_key(cluster_name))
+        assert (got.value, got.mod_revision) == (GOOD_B, second.revision)
+    finally:
+        await client.close()
 
 
 def test_two_clusters_on_one_etcd_do_not_see_each_other(etcd_server: EtcdServer, cluster_name: str,
