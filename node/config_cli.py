@@ -70,6 +70,17 @@ def _write_flags(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config_command != "diff":
+        return _run(args)
+    try:
+        return _run(args)
+    except ConfigError as exc:  # diff's 1 means "they differ": trouble is 2, as diff(1)'s
+        for path, msg in exc.problems:
+            print(f"error: {path}: {msg}" if path else f"error: {msg}", file=sys.stderr)
+        return DIFF_TROUBLE
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = cli_config(args)
     etcd, cluster = cfg.cluster.etcd, cfg.state.cluster
     if not etcd.endpoints:
@@ -78,13 +89,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _COMMANDS[args.config_command](args, etcd, cluster)
     except ConfigStoreError as exc:
-        message = exc.message
-        if isinstance(exc, EtcdUnreachable):
-            message = f"etcd at {','.join(etcd.endpoints)}: {message}"
-        if args.config_command == "diff":
-            print(f"error: {message}", file=sys.stderr)
-            return DIFF_TROUBLE
-        raise ConfigError(message) from None
+        where = f"etcd at {','.join(etcd.endpoints)}: " if isinstance(exc, EtcdUnreachable) else ""
+        raise ConfigError(where + exc.message) from None
 
 
 def _with_client(etcd: EtcdConfig, work: Callable[[aetcd.Client], Awaitable[T]]) -> T:
@@ -161,11 +167,7 @@ def _get(args: argparse.Namespace, etcd: EtcdConfig, cluster: str) -> int:
 
 
 def _diff(args: argparse.Namespace, etcd: EtcdConfig, cluster: str) -> int:
-    try:
-        raw = args.file.read_bytes()
-    except OSError as exc:
-        print(f"error: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return DIFF_TROUBLE
+    raw = _read(args.file)
     stored = _with_client(etcd, lambda c: coordinator.current_config(c, cluster, timeout=etcd.timeout))
     lines = coordinator.config_diff(stored, raw, cluster=cluster, name=str(args.file))
     for line in lines:

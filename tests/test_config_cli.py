@@ -153,6 +153,8 @@ def test_diff_exits_0_when_equal_1_when_they_differ_2_on_trouble(cli: Cli) -> No
                                                       "No such file or directory"]
     r = hapax("config", "diff", a, "--etcd", f"http://127.0.0.1:{free_port()}", "--cluster", cli.cluster)
     assert r.returncode == 2 and len(errors(r.stderr)) == 1
+    r = hapax("config", "diff", a)  # no etcd named at all
+    assert r.returncode == 2 and errors(r.stderr)[0].startswith("error: no etcd: pass --etcd URL")
 
 
 def test_history_lists_pushes_newest_first(cli: Cli) -> None:
