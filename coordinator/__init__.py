@@ -22,16 +22,21 @@ from ._config_store import (
     rollback_config,
 )
 from ._etcd import connect
+from ._keys import keys_prefix, reload_key
+from ._keys_etcd import EtcdKeyStore
+from ._reload import ReloadWatch, request_reload
 from ._watch import PrefixWatch
 
 __all__ = [
     "HISTORY_LIMIT",
     "ConfigStoreError",
+    "EtcdKeyStore",
     "EtcdUnreachable",
     "History",
     "NothingPushed",
     "PrefixWatch",
     "Pushed",
+    "ReloadWatch",
     "RevisionConflict",
     "RevisionUnavailable",
     "StoredConfig",
@@ -40,6 +45,9 @@ __all__ = [
     "connect",
     "current_config",
     "get_config",
+    "keys_prefix",
     "push_config",
+    "reload_key",
+    "request_reload",
     "rollback_config",
 ]

@@ -24,6 +24,16 @@ def leader_key(cluster: str) -> bytes:
     return root(cluster) + b"leader"
 
 
+def keys_prefix(cluster: str) -> bytes:
+    """API key records, one per ``<key_id>``; ends in ``/`` so no other cluster shares the range."""
+    return root(cluster) + b"keys/"
+
+
+def reload_key(cluster: str) -> bytes:
+    """Bumped by ``hapax cluster reload``; every node watches it."""
+    return root(cluster) + b"reload"
+
+
 @dataclass(frozen=True, slots=True)
 class NodeRecord:
     """What a node says about itself under ``/hapax/<cluster>/nodes/<id>`` (JSON)."""

@@ -32,7 +32,7 @@ JSON at exactly one boundary (``hapax.api._error_shape``), in OpenAI or Anthropi
     ├── ServiceUnavailable          503 (draining, no config)
     │   ├── TooManyConnections      server.max_connections reached, none idle
     │   ├── ShuttingDown            a stream cut at the end of the shutdown grace
-    │   ├── KeyStoreUnavailable     Redis did not confirm a key write
+    │   ├── KeyStoreUnavailable     Redis or etcd did not confirm a key write
     │   └── UsageStoreUnavailable   Redis did not answer a usage read
     └── InternalError               500 a bug; the process lives on
 
@@ -243,7 +243,7 @@ class ShuttingDown(ServiceUnavailable):
 
 
 class KeyStoreUnavailable(ServiceUnavailable):
-    """A key write the shared store (Redis) did not confirm: nothing changed, retry."""
+    """A key write the shared store (Redis, or etcd in a cluster) did not confirm."""
 
     code = "key_store_unavailable"
 

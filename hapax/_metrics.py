@@ -342,6 +342,12 @@ class GatewayMetrics:
             "hapax_config_reloads_total", "Config reload attempts by result (success|failure).",
             ("result",),
         ))
+        self.reloads = r.add(Counter(
+            "hapax_reloads_total",
+            "Reloads of mounted credentials and certificates, by trigger (signal|cluster) and result "
+            "(success|failure).",
+            ("trigger", "result"),
+        ))
         self.config_info = r.add(Gauge(
             "hapax_config_generation", "Generation of the config in force; bumps on every reload.",
             merge="max",

@@ -42,7 +42,7 @@ from ._routes import BuiltinRoutes, _route_name
 from ._sse import SSEEvent, encode
 from .access import AccessControl, AccessGrant, Principal
 from .api import StreamTranslator, error_response, read_json_body, rename, stream_error, validate
-from .config import Config, ConfigSnapshot
+from .config import Config, ConfigSnapshot, Secrets, read_api_key_files
 from .providers import JsonReply, Operation, StreamReply
 from .routing import Dispatcher, Runtime, TransportFactory
 
@@ -98,9 +98,13 @@ class Gateway(BuiltinRoutes):
         access: AccessControl | None = None,
         dispatcher: Dispatcher | None = None,
         access_sink: AccessSink | None = None,
+        secrets: Secrets | None = None,
     ) -> None:
+        """``secrets``: the keys of providers' ``api_key_file``s, read by the caller off the loop
+        (read here, blocking, when not given)."""
         snapshot = config if isinstance(config, ConfigSnapshot) else ConfigSnapshot(config, 1, "embedded")
         config = snapshot.config
+        self.secrets: Secrets = secrets if secrets is not None else read_api_key_files(config)[0]
         self.access_sink: AccessSink = access_sink or LoggingAccessSink()
         self.metrics = metrics or GatewayMetrics()
         #: ``GET /metrics``; the node replaces it to say which worker of how many this is.
@@ -111,7 +115,7 @@ class Gateway(BuiltinRoutes):
         self.access.attach(self.metrics)
         self.dispatcher = dispatcher or Dispatcher(metrics=self.metrics)
         self._transport_factory = transport_factory
-        self.runtime = Runtime(snapshot, generation=1, transport_factory=transport_factory)
+        self.runtime = Runtime(snapshot, generation=1, transport_factory=transport_factory, secrets=self.secrets)
         self._bind_metrics(config)
         # Deployments known now, not at the first call: their series exist from start-up.
         self.dispatcher.sync(self.runtime)
@@ -121,25 +125,43 @@ class Gateway(BuiltinRoutes):
 
     # -- config ------------------------------------------------------------------------
 
-    def apply(self, update: Config | ConfigSnapshot) -> Runtime:
+    def apply(self, update: Config | ConfigSnapshot, *, secrets: Secrets | None = None) -> Runtime:
         """Swap in a validated config; requests in flight keep the one they started on.
 
         A bare ``Config`` (tests, code) becomes the next revision of the current source.
+        ``secrets`` as for the constructor (without, files are read here, keeping old keys).
         """
         old = self.runtime
         snapshot = update if isinstance(update, ConfigSnapshot) else ConfigSnapshot(
             update, old.revision + 1, old.snapshot.source)
         config = snapshot.config
+        if secrets is None:
+            secrets = read_api_key_files(config, previous=self.secrets)[0]
+        self.secrets = secrets
         new = Runtime(
             snapshot,
             generation=old.generation + 1,
             transport_factory=self._transport_factory,
             previous=old,
+            secrets=secrets,
         )
         self.runtime = new
         old.retire(new)
         self.access.apply(config)
         self._bind_metrics(config)
+        self.dispatcher.sync(new)
+        return new
+
+    def rebuild_providers(self, secrets: Secrets) -> Runtime:
+        """The same config with every provider built anew: credential files and CA bundles
+        read again (a reload). Requests in flight finish on the providers they started on."""
+        old = self.runtime
+        self.secrets = secrets
+        new = Runtime(old.snapshot, generation=old.generation + 1, transport_factory=self._transport_factory,
+                      secrets=secrets, fresh=True)
+        self.runtime = new
+        old.retire(new)
+        self.metrics.config_info.set(to=new.generation)
         self.dispatcher.sync(new)
         return new
 

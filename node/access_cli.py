@@ -5,8 +5,11 @@ A key is named by its id or by its name (unique among active keys).
 Key commands work in one of two ways, chosen per call:
 
 - local (default): on the key store in the state directory (``--state-dir``,
-  or ``auth.state_dir`` of ``--config``), or in Redis when the config sets
-  ``state.redis.url`` (and no ``--state-dir`` is given). It needs no running node and no
+  or ``auth.state_dir`` of ``--config``), in Redis when the config sets
+  ``state.redis.url``, or in etcd with ``--etcd`` (``HAPAX_ETCD_ENDPOINTS``,
+  ``cluster.etcd``) and ``--cluster`` (``HAPAX_CLUSTER``, ``state.cluster``),
+  when no ``--state-dir`` is given. Every node of a cluster sees an etcd write
+  within milliseconds. It needs no running node and no
   admin key, only file access to the state directory, so it is how the first
   keys are made. A running node sees the change on its next request. The
   config is read without its secrets: a value whose environment variable is
@@ -33,10 +36,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import aetcd
 import orjson
+from pydantic import ValidationError
 
-from hapax import ConfigError, Exchange, Request, Response, default_config, load_config
-from hapax.access import AccessControl, Principal, verify
+from coordinator import EtcdKeyStore
+from hapax import ConfigError, Exchange, HapaxError, Request, Response
+from hapax.access import AccessControl, KeyRecord, Principal, verify
+from hapax.config import Config
+
+from .etcd_cli import cli_config, etcd_flags
 
 _SECRET_NOTE = "The key is shown only once; store it now."
 
@@ -50,6 +59,7 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--state-dir", type=Path, help="state directory (overrides --config)")
         p.add_argument("--url", help="a node's base URL: go through its admin API instead")
         p.add_argument("--admin-key", help="admin key for --url (default: $HAPAX_ADMIN_KEY)")
+        etcd_flags(p)
         p.add_argument("--json", action="store_true", help="print JSON")
 
     c = ksub.add_parser("create", help="mint a key; prints the secret once")
@@ -77,6 +87,11 @@ def add_parsers(sub: Any) -> None:
         common(p)
         p.add_argument("key_id", metavar="KEY", help="the key's id or its name")
     ksub.add_parser("generate", help="print a random secret, e.g. for auth.admin_key")
+    ex = ksub.add_parser("export", help="print every key record (hashes, never secrets) as keys.json does")
+    common(ex)
+    im = ksub.add_parser("import", help="add the key records of a keys.json (or an export) to the store")
+    common(im)
+    im.add_argument("file", type=Path, help="a keys.json from a state directory, or hapax keys export's output")
 
     u = sub.add_parser("usage", help="usage by key, team, model and day (local store, or --url)")
     u.add_argument("--config", "-c", type=Path, help="config file whose auth.state_dir holds the usage")
@@ -108,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if args.keys_command == "generate":
         print("hpx_admin_" + secrets.token_urlsafe(32))
         return 0
+    if args.keys_command in ("export", "import"):
+        return _move(args)
     method, path, body, query = _request(args)
     status, out = _call(args, method, path, body, query)
     if status >= 400:
@@ -201,30 +218,25 @@ def _local(
 ) -> tuple[int, Any]:
     from hapax.access import ADMIN_ROUTES
 
-    from .server import shared_stores, state_dir
-
-    # No secrets needed here: an unset ${HAPAX_ADMIN_KEY} is left out, not an error.
-    cfg = load_config(args.config, require_env=False) if args.config else default_config()
-    sdir = args.state_dir or state_dir(cfg, args.config)
-    keys, usage = shared_stores(cfg) if args.state_dir is None else (None, None)
-    if sdir is None and keys is None:
-        raise ConfigError("no state directory: pass --state-dir, or --config with auth.state_dir "
-                          "or state.redis.url set")
-    ac = AccessControl(cfg, state_dir=sdir, announce=False, keys=keys, usage=usage)
+    cfg = cli_config(args)
+    ac, etcd = _store(args, cfg)
     ac.check_models = args.config is not None
     req = Request(method, path, {}, orjson.dumps(body) if body is not None else b"", "local", query)
     ex = Exchange("cli_" + secrets.token_hex(8), "admin", method, path, "local")
     who = Principal(id=f"cli:{getpass.getuser()}", role="admin", name="hapax CLI on the state directory")
-    from hapax import HapaxError
 
     async def call(fn: Any, ref: str) -> Response:
-        await ac.start()  # loads a shared (Redis) store; nothing to do for the file store
         try:
+            if isinstance(ac.keys, EtcdKeyStore):
+                await ac.keys.load()  # no keys read, no answer: a 404 would be a lie
+            await ac.start()  # loads a shared (Redis) store; nothing to do for the file store
             resp: Response = await fn(ac, req, ex, who, ref)
             return resp
         finally:
             ac.flush()
             await ac.aclose()
+            if etcd is not None:
+                await etcd.close()
 
     for m, rx, _perm, fn in ADMIN_ROUTES:
         match = rx.match(path)
@@ -237,6 +249,74 @@ def _local(
                 return resp.status, resp.body.decode()
             return resp.status, orjson.loads(resp.body)
     raise ConfigError(f"no such command: {method} {path}")
+
+
+def _store(args: argparse.Namespace, cfg: Config) -> tuple[AccessControl, aetcd.Client | None]:
+    """The access control a local command works on: the state directory's, Redis's or etcd's keys."""
+    from coordinator import connect
+
+    from .server import shared_stores, state_dir
+
+    sdir = args.state_dir or state_dir(cfg, args.config)
+    etcd = connect(cfg.cluster.etcd) if cfg.cluster.etcd.endpoints and args.state_dir is None else None
+    keys, usage = shared_stores(cfg, etcd=etcd) if args.state_dir is None else (None, None)
+    if sdir is None and keys is None:
+        raise ConfigError("no state directory: pass --state-dir, --etcd, or --config with auth.state_dir, "
+                          "state.redis.url or cluster.etcd.endpoints set")
+    ac = AccessControl(cfg, state_dir=sdir, announce=False, keys=keys, usage=usage)
+    return ac, etcd
+
+
+def _move(args: argparse.Namespace) -> int:
+    """``export``: every record of the store, as ``keys.json`` holds them (hashes, no secrets).
+    ``import``: add such records to the store; an id it has already is left as it is there."""
+    if args.url:
+        raise ConfigError(f"keys {args.keys_command} works on a store (--state-dir, --config, --etcd), "
+                          "not through --url")
+    cfg = cli_config(args)
+    ac, etcd = _store(args, cfg)
+    records: list[KeyRecord] = []
+    if args.keys_command == "import":
+        try:
+            doc = orjson.loads(args.file.read_bytes())
+            records = [KeyRecord.model_validate(r) for r in doc["keys"]]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValidationError) as exc:
+            raise ConfigError(f"{args.file} is not a keys.json or a hapax keys export "
+                              f"({type(exc).__name__})") from None
+
+    async def go() -> list[str]:
+        try:
+            if isinstance(ac.keys, EtcdKeyStore):
+                await ac.keys.load()
+            await ac.start()
+            if args.keys_command == "export":
+                await ac.keys.refreshed()
+                out = {"version": 1, "keys": [r.model_dump(mode="json") for r in ac.keys.all()]}
+                sys.stdout.write(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode() + "\n")
+                return []
+            added = []
+            for rec in records:
+                if ac.keys.get(rec.id) is None:
+                    await ac.keys.save(rec)
+                    ac.audit.record("key.imported", actor=f"cli:{getpass.getuser()}", target=rec.id,
+                                    details={"name": rec.name, "from": str(args.file)})
+                    added.append(rec.id)
+            return added
+        finally:
+            ac.flush()
+            await ac.aclose()
+            if etcd is not None:
+                await etcd.close()
+
+    try:
+        added = asyncio.run(go())
+    except HapaxError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    if args.keys_command == "import":
+        print(f"imported {len(added)} key(s); {len(records) - len(added)} already there, left as they are",
+              file=sys.stderr)
+    return 0
 
 
 def _remote(

@@ -23,9 +23,11 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
+import aetcd
 import orjson
 from aiohttp import web
 
+import coordinator
 from hapax import (
     ClientWriteTimeout,
     Config,
@@ -39,7 +41,15 @@ from hapax import (
     ShuttingDown,
 )
 from hapax.access import AccessControl, KeyStore, RedisKeyStore, RedisUsage
-from hapax.config import ConfigEvent, ConfigRejected, ConfigSource, config_findings
+from hapax.config import (
+    ConfigEvent,
+    ConfigRejected,
+    ConfigSnapshot,
+    ConfigSource,
+    Secrets,
+    config_findings,
+    read_api_key_files,
+)
 from hapax.routing import Dispatcher
 from hapax.state import AccessState, FailoverState, MemoryState, RedisState
 
@@ -239,11 +249,18 @@ class Node:
         if source is not None:
             config = self.config = source.current.config  # what the node starts on is the source's
         state = build_state(config)
-        keys, usage = shared_stores(config)
+        # etcdkeys: the node's etcd client. LEAD: once the cluster Coordinator is on main, take
+        # ``coordinator.client`` from it here instead of connecting a second client.
+        self.etcd: aetcd.Client | None = (
+            coordinator.connect(config.cluster.etcd) if config.cluster.etcd.endpoints else None
+        )
+        keys, usage = shared_stores(
+            config, etcd=self.etcd, redis=state.shared.client if isinstance(state, FailoverState) else None
+        )
         sdir = state_dir(config, config_path)
         if keys is not None and sdir is not None and (sdir / "keys" / "keys.json").exists():
-            log.warning("state.redis.url is set: keys are read from Redis; %s is not read",
-                        sdir / "keys" / "keys.json")
+            log.warning("keys are read from %s; %s is not read (move its keys with hapax keys import)",
+                        "etcd" if self.etcd is not None else "Redis", sdir / "keys" / "keys.json")
         # Key, usage and audit writes go to background threads (or Redis): the loop never waits on a disk.
         access = AccessControl(
             config, state_dir=sdir, state=state, write_behind=True, keys=keys, usage=usage
@@ -263,7 +280,16 @@ class Node:
             source.current if source is not None else config,
             transport_factory=transport_factory, metrics=metrics, access=access,
             dispatcher=dispatcher, access_sink=logs.ACCESS,
+            secrets=read_api_key_files(config)[0],  # before the loop runs: an unreadable file fails the start
         )
+        #: Re-reads mounted credentials on a cluster-wide ``hapax cluster reload``.
+        self.reload_watch: coordinator.ReloadWatch | None = None
+        if self.etcd is not None:
+            self.reload_watch = coordinator.ReloadWatch(
+                self.etcd, cluster=config.state.cluster, timeout=config.cluster.etcd.timeout,
+                on_reload=lambda record, rev: self.reload("cluster", request=record.get("id"), revision=rev),
+            )
+        self._reloading: asyncio.Task[None] | None = None
         if isinstance(state, FailoverState):
             degraded = self.gateway.metrics.degraded
             degraded.set("redis", to=0)
@@ -317,6 +343,8 @@ class Node:
         self.addresses = [f"{a[0]}:{a[1]}" for a in self._runner.addresses if isinstance(a, tuple)]
         if self._peers is not None:
             await self._peers.start()
+        if self.reload_watch is not None:
+            await self.reload_watch.start()
         self.gateway.start()
         fields: dict[str, Any] = {"addresses": self.addresses}
         if self.identity.count > 1:
@@ -327,8 +355,7 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        if self.source is not None:
-            loop.add_signal_handler(signal.SIGHUP, self.source.poke)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         fd = self.identity.supervisor_fd
         if fd is not None:
             loop.add_reader(fd, self._supervisor_gone, fd)
@@ -339,6 +366,36 @@ class Node:
         finally:
             watcher.cancel()
             await self.drain()
+
+    def _on_hup(self) -> None:
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.create_task(self.reload("signal"))
+
+    async def reload(self, trigger: str, *, request: str | None = None, revision: int | None = None) -> None:
+        """Re-read what is mounted: provider ``api_key_file``s and the CA bundle (every provider
+        is built anew; requests in flight finish on the old ones), then the config source.
+
+        SIGHUP does it for this node; ``hapax cluster reload`` for every node of the cluster.
+        """
+        gw = self.gateway
+        secrets, problems = await asyncio.to_thread(read_api_key_files, gw.runtime.config, previous=gw.secrets)
+        rt = gw.rebuild_providers(secrets)
+        if self.source is not None:
+            self.source.poke()
+        result = "failure" if problems else "success"
+        gw.metrics.reloads.inc(trigger, result)
+        fields: dict[str, Any] = {
+            "trigger": trigger, "providers": len(rt.providers), "credential_files": len(secrets),
+            "generation": rt.generation,
+        }
+        if request is not None:
+            fields.update(request=request, etcd_revision=revision)
+        if problems:  # paths and reasons, never a file's content
+            fields["problems"] = [f"{where}: {why}" for where, why in problems]
+            log.error("reload: some credential files could not be read; those providers keep their "
+                      "last key", extra={"fields": fields})
+        else:
+            log.info("reloaded credentials and certificates", extra={"fields": fields})
 
     def _supervisor_gone(self, fd: int) -> None:
         """The supervisor's end of the pipe closed: it died (it never writes). Drain and exit."""
@@ -369,12 +426,17 @@ class Node:
             while self.front.open_streams and time.monotonic() < cut_deadline:
                 await asyncio.sleep(0.02)
         await self._runner.cleanup()
+        if self.reload_watch is not None:
+            await self.reload_watch.close()
         if self._peers is not None:
             await self._peers.aclose()
         if self.shared is not None:
             # Before the access state closes the Redis client they share.
             await self.shared.aclose()
         await self.gateway.aclose()
+        if self.etcd is not None:  # after the key store's watch closed with the gateway
+            with contextlib.suppress(Exception):
+                await self.etcd.close()
         log.info("stopped", extra={"fields": {"abandoned_requests": left}})
 
     async def _watch_fds(self) -> None:
@@ -394,7 +456,11 @@ class Node:
         while True:
             try:
                 async for event in self.source.updates():
-                    self._apply(event)
+                    secrets = None
+                    if isinstance(event, ConfigSnapshot):  # its credential files, read off the loop
+                        secrets, _ = await asyncio.to_thread(
+                            read_api_key_files, event.config, previous=self.gateway.secrets)
+                    self._apply(event, secrets)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -402,7 +468,7 @@ class Node:
                 log.exception("config source failed; keeping the last good config and watching on")
                 await asyncio.sleep(self.gateway.runtime.config.server.reload_interval)
 
-    def _apply(self, event: ConfigEvent) -> bool:
+    def _apply(self, event: ConfigEvent, secrets: Secrets | None = None) -> bool:
         """Apply a new snapshot, or count a rejected one; ``False`` when the last good stays."""
         m = self.gateway.metrics
         if isinstance(event, ConfigRejected):
@@ -424,7 +490,7 @@ class Node:
         if cfg.server.workers != old.server.workers:
             log.warning("server.workers changes take effect on restart only")
         logs.configure(cfg.logging)
-        rt = self.gateway.apply(event)
+        rt = self.gateway.apply(event, secrets=secrets)
         m.config_reloads.inc("success")
         log.info("config reloaded", extra={"fields": {
             "revision": rt.revision, "generation": rt.generation, "source": event.source, "digest": event.digest,
@@ -471,15 +537,24 @@ def live_workers() -> int:
         return 1
 
 
-def shared_stores(config: Config) -> tuple[KeyStore | None, RedisUsage | None]:
-    """The key store and usage store shared through ``state.redis`` (``None``s without it).
+def shared_stores(
+    config: Config, *, etcd: aetcd.Client | None = None, redis: Any = None
+) -> tuple[KeyStore | None, RedisUsage | None]:
+    """The key store and usage store shared through ``state.redis`` (``None``s without it);
+    with ``etcd`` (cluster mode) keys live in etcd, last-used times in ``redis`` if given.
 
     Read once at start: moving a running node to another Redis or cluster takes a restart.
     """
     r = config.state.redis
+    keys: KeyStore | None = None
+    if etcd is not None:
+        keys = coordinator.EtcdKeyStore(
+            etcd, cluster=config.state.cluster, timeout=config.cluster.etcd.timeout,
+            redis=redis, used_key=f"{r.key_prefix}:{config.state.cluster}:keys:used",
+        )
     if r.url is None:
-        return None, None
-    keys = RedisKeyStore(r, cluster=config.state.cluster)
+        return keys, None
+    keys = keys or RedisKeyStore(r, cluster=config.state.cluster)
     usage = RedisUsage(r, cluster=config.state.cluster, retention_days=config.usage.retention_days,
                        flush_interval=config.usage.flush_seconds(shared=True))
     return keys, usage

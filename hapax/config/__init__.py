@@ -36,6 +36,7 @@ from ._reliability import (
     ReliabilityConfig,
     RetryConfig,
 )
+from ._secrets import Secrets, read_api_key_files
 from ._source import ConfigEvent, ConfigRejected, ConfigSnapshot, ConfigSource, Revisions, digest_of
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "ReliabilityConfig",
     "RetryConfig",
     "Revisions",
+    "Secrets",
     "ServerConfig",
     "StateConfig",
     "TeamConfig",
@@ -78,4 +80,5 @@ __all__ = [
     "digest_of",
     "load_config",
     "parse_config",
+    "read_api_key_files",
 ]

@@ -86,6 +86,9 @@ class ProviderConfig(_Model):
     type: ProviderType
     base_url: str | None = Field(None, description="upstream base URL; type default if unset")
     api_key: SecretStr | None = None
+    #: A file holding the credential instead (a mounted Kubernetes Secret): read at start,
+    #: and again on SIGHUP and ``hapax cluster reload``, so a rotated secret needs no restart.
+    api_key_file: str | None = Field(None, description="path of a file holding the api_key")
     headers: dict[str, str] = Field(default_factory=dict, description="extra upstream headers")
     #: Client request headers passed on to this provider; unset means the type's default
     #: (``anthropic-beta`` for anthropic, ``openai-beta`` for openai and azure-openai).
@@ -112,6 +115,8 @@ class ProviderConfig(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> ProviderConfig:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set api_key or api_key_file, not both")
         if self.type == "azure-openai" and not self.base_url:
             raise ValueError("azure-openai needs base_url (https://NAME.openai.azure.com)")
         if self.base_url and not re.match(r"^https?://[^\s/]+", self.base_url):

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Callable
 
 from .._transport import Transport
-from ..config import Config, ConfigSnapshot, ModelConfig, ProviderConfig
+from ..config import Config, ConfigSnapshot, ModelConfig, ProviderConfig, Secrets
 from ..providers import Provider, build_provider
 from ._table import aliases
 
@@ -34,7 +34,11 @@ class Runtime:
         generation: int,
         transport_factory: TransportFactory,
         previous: Runtime | None = None,
+        secrets: Secrets | None = None,
+        fresh: bool = False,
     ) -> None:
+        """``secrets`` holds the keys read from ``api_key_file``s (``hapax.config._secrets``);
+        ``fresh`` builds every provider anew (a reload: credentials and CA bundles read again)."""
         config = snapshot.config
         self.snapshot = snapshot
         self.config: Config = config
@@ -45,7 +49,10 @@ class Runtime:
         self.generation = generation
         self.providers: dict[str, Provider] = {}
         for name, pcfg in config.providers.items():
-            old = previous.providers.get(name) if previous else None
+            key = secrets.get(name) if secrets is not None and pcfg.api_key_file is not None else None
+            if key is not None:
+                pcfg = pcfg.model_copy(update={"api_key": key})
+            old = previous.providers.get(name) if previous and not fresh else None
             if old is not None and old.config == pcfg:
                 self.providers[name] = old
             else:
