@@ -10,6 +10,7 @@ printed (``-s``) and written up in docs/cluster.md.
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -262,3 +263,80 @@ def test_cluster_reload_makes_every_node_read_its_credential_file_again(
         assert keys_seen() == ["Bearer sk-new"]
         assert "reloaded credentials and certificates" in gw.logs()
         assert "sk-new" not in gw.logs() and "sk-old" not in gw.logs()
+
+
+def test_keys_of_a_state_directory_move_into_etcd_with_export_and_import(
+    gateway: Start, etcd_server: EtcdServer, cluster_name: str, redis_url: str, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    made = hapax_cli("keys", "create", "--name", "old-node", "--state-dir", str(state))
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    exported = hapax_cli("keys", "export", "--state-dir", str(state))
+    assert exported.returncode == 0, exported.stderr
+    assert secret not in exported.stdout  # hashes only
+    dump = tmp_path / "keys-export.json"
+    dump.write_text(exported.stdout)
+
+    node = gateway(config(cluster_name, redis_url), env=ENV, args=["--etcd", etcd_server.url])
+    assert status_of(node, secret) == 401
+    flags = ["--etcd", etcd_server.url, "--cluster", cluster_name]
+    imported = hapax_cli("keys", "import", str(dump), *flags)
+    assert imported.returncode == 0 and "imported 1 key(s)" in imported.stderr, imported.stderr
+    until(lambda: status_of(node, secret) == 200, "an imported key works on a running node")
+    again = hapax_cli("keys", "import", str(dump), *flags)
+    assert again.returncode == 0 and "imported 0 key(s); 1 already there" in again.stderr, again.stderr
+    bad = tmp_path / "not-keys.json"
+    bad.write_text('{"something": "else"}')
+    refused = hapax_cli("keys", "import", str(bad), *flags)
+    assert refused.returncode != 0 and "is not a keys.json" in refused.stderr, refused.stderr
+
+
+def test_sighup_rereads_one_nodes_credential_file_and_a_missing_one_keeps_the_last_key(
+    gateway: Start, openai_upstream: tuple[UpstreamServer, UpstreamState], tmp_path: Path
+) -> None:
+    server, state = openai_upstream
+    f = tmp_path / "openai-key"
+    f.write_text("sk-first\n")
+    cfg = {"providers": {"up": {"type": "openai", "base_url": server.url + "/v1", "api_key_file": str(f)}},
+           "models": [{"name": "demo", "provider": "up", "model": "gpt-x"}]}
+    gw = gateway(cfg)
+
+    def last_key() -> str:
+        state.seen.clear()
+        assert status_of(gw, "unused") == 200
+        return state.seen[-1].headers.get("Authorization", "")
+
+    assert last_key() == "Bearer sk-first"
+    f.write_text("sk-second\n")
+    gw.signal(signal.SIGHUP)
+    until(lambda: metric(gw.url, "hapax_reloads_total", result="success", trigger="signal") == 1, "reloaded")
+    assert last_key() == "Bearer sk-second"
+
+    f.unlink()  # a Secret being swapped: the provider keeps the key it has
+    gw.signal(signal.SIGHUP)
+    until(lambda: metric(gw.url, "hapax_reloads_total", result="failure", trigger="signal") == 1, "reload failed")
+    assert last_key() == "Bearer sk-second"
+    assert "providers.up.api_key_file" in gw.logs() and "sk-second" not in gw.logs()
+
+
+def test_a_node_whose_credential_file_is_unreadable_does_not_start(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "key"
+    cfg = {"providers": {"up": {"type": "openai", "api_key_file": str(missing)}},
+           "models": [{"name": "demo", "provider": "up", "model": "gpt-x"}]}
+    def refused_start(cfg: dict[str, Any], name: str) -> str:
+        (tmp_path / name).mkdir()
+        gw = GatewayProcess(cfg, tmp_path / name)
+        try:
+            with pytest.raises(RuntimeError, match="exited early") as info:
+                gw.start()
+        finally:
+            assert gw.stop() != 0  # it had exited, with an error status
+        return str(info.value)
+
+    out = refused_start(cfg, "a")
+    assert "providers.up.api_key_file" in out and str(missing) in out
+    both = {"providers": {"up": {"type": "openai", "api_key": "sk-x", "api_key_file": str(missing)}},
+            "models": [{"name": "demo", "provider": "up", "model": "gpt-x"}]}
+    out = refused_start(both, "b")
+    assert "set api_key or api_key_file, not both" in out and "sk-x" not in out
