@@ -212,6 +212,8 @@ def test_with_etcd_down_known_keys_work_and_key_writes_get_a_clear_503(
         out = hapax_cli("keys", "create", "--name", "cli-outage", "--etcd", etcd_server.url,
                         "--cluster", cluster_name)
         assert out.returncode == 1 and "etcd" in out.stderr, out.stderr
+        out = hapax_cli("cluster", "reload", "--etcd", etcd_server.url, "--cluster", cluster_name)
+        assert out.returncode == 1 and "did not take the reload" in out.stderr, out.stderr
     finally:
         etcd_server.start()
     # Back without a restart: the watches resume and a write reaches every node again.
