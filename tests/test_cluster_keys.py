@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -22,10 +23,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from aiohttp import web
 
 from tests.etcd_server import EtcdServer
 from tests.gateway_process import ROOT, GatewayProcess
 from tests.reliability_support import metric
+from tests.upstreams import openai_api
 from tests.upstreams.server import UpstreamServer, UpstreamState
 
 ADMIN_KEY = "hpx_admin_" + "E" * 40
@@ -342,3 +345,67 @@ def test_a_node_whose_credential_file_is_unreadable_does_not_start(tmp_path: Pat
             "models": [{"name": "demo", "provider": "up", "model": "gpt-x"}]}
     out = refused_start(both, "b")
     assert "set api_key or api_key_file, not both" in out and "sk-x" not in out
+
+
+class TlsUpstream(UpstreamServer):
+    """The mock OpenAI upstream behind TLS, with a certificate of its own."""
+
+    def __init__(self, state: UpstreamState, context: ssl.SSLContext) -> None:
+        super().__init__(openai_api.make_app(state))
+        self.context = context
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.context).start()
+
+
+def self_signed(tmp: Path, name: str) -> tuple[Path, Path]:
+    cert, key = tmp / f"{name}.pem", tmp / f"{name}-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+def test_cluster_reload_makes_every_node_trust_a_rotated_ca_bundle(
+    gateway: Start, etcd_server: EtcdServer, cluster_name: str, redis_url: str, tmp_path: Path
+) -> None:
+    served, served_key = self_signed(tmp_path, "upstream")
+    other, _ = self_signed(tmp_path, "someone-else")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(served, served_key)
+    state = UpstreamState()
+    upstream = TlsUpstream(state, ctx).start()
+    try:
+        bundle = tmp_path / "ca-bundle.pem"  # the mounted trust store, not yet trusting the upstream
+        bundle.write_bytes(other.read_bytes())
+        cfg = config(cluster_name, redis_url,
+                     providers={"up": {"type": "openai", "base_url": upstream.url + "/v1", "api_key": "sk-t"}},
+                     models=[{"name": "demo", "provider": "up", "model": "gpt-x"}],
+                     # Every failed handshake answers 502 (no breaker opening to 503 in between).
+                     reliability={"circuit_breaker": {"enabled": False}})
+        nodes = [gateway(cfg, env={**ENV, "SSL_CERT_FILE": str(bundle)}, args=["--etcd", etcd_server.url])
+                 for _ in range(2)]
+        secret, _ = make_key(nodes[0])
+        until(lambda: all(status_of(gw, secret) != 401 for gw in nodes), "the key is known on both nodes")
+        assert state.seen == []  # no TLS handshake succeeded: the upstream's certificate is not trusted
+
+        bundle.write_bytes(other.read_bytes() + served.read_bytes())
+        assert [status_of(gw, secret) for gw in nodes] == [502, 502]  # not noticed by themselves
+        assert state.seen == []
+        out = hapax_cli("cluster", "reload", "--etcd", etcd_server.url, "--cluster", cluster_name)
+        assert out.returncode == 0, out.stderr
+        for gw in nodes:
+            until(lambda gw=gw: metric(gw.url, "hapax_reloads_total", result="success", trigger="cluster") == 1,
+                  f"{gw.url} reloaded")  # type: ignore[misc]
+            assert status_of(gw, secret) == 200
+        assert len(state.seen) == 2
+    finally:
+        upstream.stop()
