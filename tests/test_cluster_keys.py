@@ -126,6 +126,14 @@ def test_a_key_made_through_one_node_works_on_all_three(
         assert key_id in listed
     report("create propagation", times)
 
+    # Last-used times travel through Redis: a key used on node 1 only shows its use on node 2.
+    secret, key_id = make_key(nodes[0], "used-on-one")
+    until(lambda: admin(nodes[2], "GET", f"/admin/keys/{key_id}").status_code == 200, "node 2 knows the key")
+    assert admin(nodes[2], "GET", f"/admin/keys/{key_id}").json()["last_used_at"] is None
+    until(lambda: status_of(nodes[1], secret) == 200, "node 1 knows the key")
+    until(lambda: admin(nodes[2], "GET", f"/admin/keys/{key_id}").json()["last_used_at"] is not None,
+          "node 2 shows the use node 1 saw")
+
 
 def test_revoked_and_rotated_keys_are_refused_by_every_node(
     gateway: Start, etcd_server: EtcdServer, cluster_name: str, redis_url: str
