@@ -417,3 +417,20 @@ def test_cluster_reload_makes_every_node_trust_a_rotated_ca_bundle(
         assert len(state.seen) == 2
     finally:
         upstream.stop()
+
+
+def test_a_node_started_while_etcd_is_down_loads_the_keys_when_etcd_answers(
+    gateway: Start, etcd_server: EtcdServer, cluster_name: str, redis_url: str
+) -> None:
+    made = hapax_cli("keys", "create", "--name", "early", "--etcd", etcd_server.url, "--cluster", cluster_name)
+    assert made.returncode == 0, made.stderr
+    secret = made.stdout.strip()
+    etcd_server.stop()
+    try:
+        node = gateway(config(cluster_name, redis_url, cluster={"etcd": {"timeout": 0.5}}), env=ENV,
+                       args=["--etcd", etcd_server.url])
+        assert status_of(node, secret) == 401  # no stored keys yet
+        assert admin(node, "GET", "/admin/keys").status_code == 200  # the bootstrap admin key works
+    finally:
+        etcd_server.start()
+    until(lambda: status_of(node, secret) == 200, "the node loaded the keys", timeout=20)
