@@ -1,10 +1,10 @@
 """Render and validate the deployment files: the Helm chart, k8s/ and the kustomize overlay.
 
 ``helm`` comes from ``go install helm.sh/helm/v3/cmd/helm@v3.22.0`` (.ci/run puts it on PATH);
-``kubectl kustomize`` builds the overlay. Objects are validated offline against the Kubernetes
-JSON schemas the ``kubernetes-validate`` package ships; the two Prometheus Operator kinds
-(ServiceMonitor, PrometheusRule) are custom resources those schemas lack, so they get the checks
-in ``CRD_REQUIRED`` instead.
+``kustomize build`` (its Go module; or ``kubectl kustomize``) builds the overlay. Objects are
+validated offline against the Kubernetes JSON schemas the ``kubernetes-validate`` package ships;
+the two Prometheus Operator kinds (ServiceMonitor, PrometheusRule) are custom resources those
+schemas lack, so they get the checks in ``CRD_REQUIRED`` instead.
 
 ``python -m tests.deploy_support`` rewrites k8s/base from the chart's default values; the tests
 fail when the checked-in base and the chart drift apart.
@@ -78,11 +78,22 @@ def load_all(text: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(text) if d]
 
 
+def kustomize_command() -> list[str]:
+    """``kustomize build`` (``go install sigs.k8s.io/kustomize/kustomize/v5``, as .ci/run does),
+    else the kustomize built into kubectl."""
+    found = shutil.which("kustomize") or (str(_go_bin() / "kustomize") if (_go_bin() / "kustomize").exists() else None)
+    if found:
+        return [found, "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    raise RuntimeError("kustomize not found: go install sigs.k8s.io/kustomize/kustomize/v5@v5.5.0 (.ci/run does)")
+
+
 def kustomize(path: Path) -> list[dict[str, Any]]:
-    done = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=120,
-                          check=False)
+    command = [*kustomize_command(), str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     if done.returncode != 0:
-        raise AssertionError(f"kubectl kustomize {path} failed:\n{done.stderr}")
+        raise AssertionError(f"{' '.join(command)} failed:\n{done.stderr}")
     return load_all(done.stdout)
 
 
