@@ -112,9 +112,9 @@ def test_default_values_make_a_cluster_that_drains() -> None:
     assert env["HAPAX_ADMIN_KEY"] == {"secretKeyRef": {"name": "hapax-admin", "key": "admin-key"}}
     assert ("Secret", "hapax-admin") in kinds
     assert cfg["auth"] == {"mode": "keys", "admin_key": "${HAPAX_ADMIN_KEY}"}
-    # The push Job is a hook on install and upgrade, with the same environment.
+    # The push Job is a hook on install, upgrade and rollback, with the same environment.
     job = kinds[("Job", "hapax-config-push")]
-    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade,post-rollback"
     push = job["spec"]["template"]["spec"]["containers"][0]
     assert push["args"][:3] == ["config", "push", "/etc/hapax/hapax.yaml"]
     assert _env(push) == env
