@@ -64,7 +64,7 @@ class Proc:
 
     def __init__(
         self, name: str, cmd: list[str], log_dir: Path, *, cpus: str | None, env: dict[str, str],
-        preexec_fn: Callable[[], None] | None = None,
+        preexec_fn: Callable[[], None] | None = None, cwd: Path = ROOT,
     ) -> None:
         self.name = name
         if cpus is not None:
@@ -73,7 +73,7 @@ class Proc:
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+            cmd, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
         )
 
     @property

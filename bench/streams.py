@@ -77,12 +77,12 @@ class Wave:
             "streams": len(self.streams),
             "ok": len(ok),
             "errors": errors,
-            "worst_gap_ms_p50": _pct(gaps, 50),
-            "worst_gap_ms_p99": _pct(gaps, 99),
+            "worst_gap_ms_p50": pct(gaps, 50),
+            "worst_gap_ms_p99": pct(gaps, 99),
             "worst_gap_ms_max": gaps[-1] if gaps else None,
-            "worst_gap_over_interval_p99": (_pct(gaps, 99) or 0) / chunk_ms,
-            "first_event_ms_p50": _pct(firsts, 50),
-            "first_event_ms_p99": _pct(firsts, 99),
+            "worst_gap_over_interval_p99": (pct(gaps, 99) or 0) / chunk_ms,
+            "first_event_ms_p50": pct(firsts, 50),
+            "first_event_ms_p99": pct(firsts, 99),
             "health_live_ms_max": max(self.live_ms) if self.live_ms else None,
             "health_live_ms_p50": statistics.median(self.live_ms) if self.live_ms else None,
             "wall_s": self.wall_s,
@@ -96,7 +96,7 @@ class Wave:
         }
 
 
-def _pct(sorted_values: list[float], p: float) -> float | None:
+def pct(sorted_values: list[float], p: float) -> float | None:
     if not sorted_values:
         return None
     i = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values)) - 1))
@@ -172,7 +172,7 @@ async def _probe_live(port: int, stop: asyncio.Event, out: list[float]) -> None:
             await asyncio.wait_for(stop.wait(), 0.1)
 
 
-async def _wave(port: int, n: int, ramp_s: float, timeout: float) -> tuple[list[StreamResult], list[float], float]:
+async def wave(port: int, n: int, ramp_s: float, timeout: float) -> tuple[list[StreamResult], list[float], float]:
     results = [StreamResult() for _ in range(n)]
     live: list[float] = []
     stop = asyncio.Event()
@@ -185,6 +185,15 @@ async def _wave(port: int, n: int, ramp_s: float, timeout: float) -> tuple[list[
     stop.set()
     await probe
     return results, live, wall
+
+
+def run_loop(coro: Any) -> Any:
+    """Run ``coro`` to the end on uvloop (asyncio's loop without it)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _node_gc(port: int) -> dict[str, float]:
@@ -225,7 +234,7 @@ def _own_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _raise_nofile() -> None:
+def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -259,7 +268,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"--gc takes tuned, default or both, not {sorted(bad)}")
     if a.chunks < 2:
         raise SystemExit("--chunks must be at least 2")
-    _raise_nofile()  # this process holds every client socket
+    raise_nofile()  # this process holds every client socket
     pin = not a.no_pin and a.workers == 1 and (os.cpu_count() or 1) >= 2
     gw_cpus = a.gateway_cpus if pin else None
     load_cpus = a.load_cpus if pin else None
@@ -274,12 +283,7 @@ def main(argv: list[str]) -> int:
         env["HAPAX_BENCH_UNSHARED_WORKERS"] = "1"
         workers = ["--workers", str(a.workers)]
     timeout = a.chunks * a.chunk_ms / 1000 + 60
-    try:
-        import uvloop
-
-        run = uvloop.run
-    except ImportError:  # pragma: no cover
-        run = asyncio.run
+    run = run_loop
     # The generator's own collections would show up as gaps: it keeps little, so it does without.
     gc.disable()
     up_port = free_port()
@@ -296,14 +300,14 @@ def main(argv: list[str]) -> int:
             prof = tmp / f"hapax-{mode}.prof"
             node_env = {**env, "HAPAX_BENCH_CPROFILE": str(prof)} if mode == "cprofile" else env
             node = Proc(f"hapax-{mode}", [a.python, *GC_MODES[mode], "serve", "--config", str(cfg), *workers],
-                        tmp, cpus=gw_cpus, env=node_env, preexec_fn=_raise_nofile)
+                        tmp, cpus=gw_cpus, env=node_env, preexec_fn=raise_nofile)
             try:
                 node.wait_http(f"http://127.0.0.1:{port}/health/ready")
                 wait_workers(port, a.workers)
                 for _ in range(a.waves):
                     before = _node_gc(port)
                     cpu0, own0, up0 = node.cpu(), _own_cpu(), upstream.cpu()
-                    results, live, wall = run(_wave(port, a.streams, a.ramp_s, timeout))
+                    results, live, wall = run(wave(port, a.streams, a.ramp_s, timeout))
                     cpu = {"node": node.cpu() - cpu0, "generator": _own_cpu() - own0,
                            "upstream": upstream.cpu() - up0}
                     after = _node_gc(port)
