@@ -100,9 +100,9 @@ def _measure_slow(side: Side, a: argparse.Namespace) -> str:
     """One wave of ``--streams`` slow streams: the node's CPU per relayed event, and the stream percentiles."""
     port = int(side.url.split(":")[2].split("/")[0])
     timeout = a.chunks * a.chunk_ms / 1000 + 60
-    cpu0, sw0 = side.proc.cpu(), _switches(side.proc.pid)
+    cpu0, sw0, sys0 = side.proc.cpu(), _switches(side.proc.pid), _system_cpu(side.proc.pid)
     results, _live, wall = streams.run_loop(streams.wave(port, a.streams, 1.0, timeout))
-    cpu1, sw1 = side.proc.cpu(), _switches(side.proc.pid)
+    cpu1, sw1, sys1 = side.proc.cpu(), _switches(side.proc.pid), _system_cpu(side.proc.pid)
     side.proc.check()
     bad = [r.error for r in results if r.error]
     if bad:
@@ -116,7 +116,9 @@ def _measure_slow(side: Side, a: argparse.Namespace) -> str:
     side.p50_ms.append(first50)
     side.p99_ms.append(gap99)
     side.rps.append(events / wall)
-    return (f"{side.name:<7} {events:>7} events  CPU {us:>6.1f} us/event  core {100 * (cpu1 - cpu0) / wall:>4.0f} %  "
+    kernel = (sys1 - sys0) * 1e6 / max(1, events)
+    core = 100 * (cpu1 - cpu0) / wall
+    return (f"{side.name:<7} {events:>7} events  CPU {us:>6.1f} us/event (kernel {kernel:.1f})  core {core:>4.0f} %  "
             f"gap p99 {gap99:>5.0f} ms  first p50 {first50:>5.0f} ms  "
             f"switches/event vol {(sw1[0] - sw0[0]) / max(1, events):.2f}")
 
@@ -136,6 +138,13 @@ def _switches(pid: int) -> tuple[int, int, int]:
         except OSError:
             continue  # a thread that ended meanwhile
     return vol, invol, threads
+
+
+def _system_cpu(pid: int) -> float:
+    """The process's system (kernel) CPU seconds: its syscalls, loopback TCP included."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def _measure(side: Side, script: Path, a: argparse.Namespace, load_cpus: str | None) -> str:

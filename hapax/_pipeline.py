@@ -34,12 +34,13 @@ from ._errors import (
     ModelNotFound,
     RouteNotFound,
     UnsupportedMediaType,
+    UpstreamError,
 )
 from ._exchange import Exchange
 from ._http import Request, Response
 from ._metrics import Exposition, GatewayMetrics, Snapshot
 from ._routes import BuiltinRoutes, _route_name
-from ._sse import SSEEvent, encode
+from ._sse import SSEEvent
 from .access import AccessControl, AccessGrant, Principal
 from .api import StreamTranslator, error_response, read_json_body, rename, stream_error, validate
 from .config import Config, ConfigSnapshot, Secrets, read_api_key_files
@@ -381,8 +382,9 @@ class _ResponseStream:
         self._cut: HapaxError | None = None
         ex.status = 200
 
-    def __aiter__(self) -> _ResponseStream:
-        return self
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        # The generator itself, so each event is one generator step, not a step and a wrapper.
+        return self._body
 
     async def __anext__(self) -> bytes:
         return await anext(self._body)
@@ -406,28 +408,63 @@ class _ResponseStream:
         tail = stream_error(self._ex, exc)
         return tail if self._ex.anthropic else tail + b"data: [DONE]\n\n"
 
+    def _encoded(self, batch: list[SSEEvent]) -> bytes:
+        """One upstream read's events as the client's bytes."""
+        translator = self._translator
+        if translator is not None:
+            batch = [e for ev in batch for e in translator.feed(ev)]
+        return self._frames(batch)
+
+    def _frames(self, batch: list[SSEEvent]) -> bytes:
+        """Events in the client's format, model renamed: one join, no bytes object per event."""
+        name = self._name
+        parts: list[bytes] = []
+        if self._ex.anthropic:
+            for ev in batch:
+                data = ev.data
+                if name is not None and ev.event == "message_start":
+                    data = rename(data, name)
+                if ev.event is not None:
+                    parts += (b"event: ", ev.event.encode(), b"\n")
+                parts += (b"data: ", data, b"\n\n")
+        elif name is None:
+            for ev in batch:
+                parts += (b"data: ", ev.data, b"\n\n")
+        else:
+            for ev in batch:
+                parts += (b"data: ", rename(ev.data, name), b"\n\n")
+        return b"".join(parts)
+
     async def _events(self) -> AsyncGenerator[bytes, None]:
-        ex, translator, name = self._ex, self._translator, self._name
+        ex, reply = self._ex, self._reply
         anthropic = ex.anthropic
         try:
-            async for batch in self._reply.events:
-                if translator is not None:
-                    batch = [e for ev in batch for e in translator.feed(ev)]
-                if name is None:
-                    out = b"".join([_encode(e, anthropic) for e in batch])
-                else:
-                    out = b"".join([_encode_named(e, anthropic, name) for e in batch])
+            first, reply.first = reply.first, None
+            if first is not None:
+                out = self._encoded(first)
+                if out:
+                    ex.ttft = time.perf_counter() - ex.started
+                    yield out
+            # The upstream's events directly, no wrapper in between: one step per read.
+            events = reply.events
+            while True:
+                try:
+                    batch = await anext(events)
+                except StopAsyncIteration:
+                    break
+                except UpstreamError as exc:
+                    reply.failed(exc)  # the upstream failed, not our translation of it
+                    raise
+                out = self._encoded(batch)
                 if out:
                     if ex.ttft is None:
                         ex.ttft = time.perf_counter() - ex.started
                     yield out
             tail = b""
-            if translator is not None:
-                last = translator.finish(self._reply.usage)
-                if name is None:
-                    tail = b"".join([_encode(e, anthropic) for e in last])
-                else:
-                    tail = b"".join([_encode_named(e, anthropic, name) for e in last])
+            if self._translator is not None:
+                last = self._translator.finish(reply.usage)
+                if last:
+                    tail = self._frames(last)
             if not anthropic:
                 tail += b"data: [DONE]\n\n"
             if tail:
@@ -472,17 +509,3 @@ def _priority(header: str | None, principal: Principal) -> int:
     except ValueError:
         raise InvalidField("x-hapax-priority must be an integer, 0 most urgent", param="x-hapax-priority") from None
     return max(asked, principal.max_priority)
-
-
-def _encode(ev: SSEEvent, anthropic: bool) -> bytes:
-    return encode(ev.data, ev.event if anthropic else None)
-
-
-def _encode_named(ev: SSEEvent, anthropic: bool, name: bytes) -> bytes:
-    """``_encode`` with the event's model field renamed: every OpenAI chunk has one; of
-    Anthropic's events only ``message_start`` does."""
-    if anthropic:
-        data = rename(ev.data, name) if ev.event == "message_start" else ev.data
-        return encode(data, ev.event)
-    return encode(rename(ev.data, name))
-

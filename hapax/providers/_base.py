@@ -120,9 +120,26 @@ EventBatches = AsyncIterator[list[SSEEvent]]
 
 @dataclass(slots=True)
 class StreamReply:
+    """A stream's events, relayed by one consumer (the gateway).
+
+    The consumer relays ``first`` (a batch read ahead: the dispatcher waits for the
+    first event before it commits to a deployment) before ``events``, and calls
+    ``failed`` with an ``UpstreamError`` that ``events`` raised. Fields rather than
+    wrapping generators, because every wrapper is one more generator step per batch.
+    """
+
     events: EventBatches
     usage: Usage = field(default_factory=Usage)
     _close: Callable[[], None] | None = None
+    first: list[SSEEvent] | None = None
+    #: Told of an error the upstream's events raised mid-stream (the breaker learns of it).
+    on_failure: Callable[[UpstreamError], None] | None = None
+
+    def failed(self, exc: UpstreamError) -> None:
+        """The events raised ``exc``: tell whoever watches the stream, once."""
+        fn, self.on_failure = self.on_failure, None
+        if fn is not None:
+            fn(exc)
 
     def close(self) -> None:
         if self._close is not None:

@@ -61,7 +61,6 @@ from ..api import Translation, find_translation
 from ..config import Deployment, ModelConfig
 from ..providers import (
     Call,
-    EventBatches,
     JsonReply,
     Operation,
     Provider,
@@ -371,23 +370,17 @@ class Dispatcher(HealthReport):
         if not isinstance(reply, StreamReply):
             done()
             return
-        events = reply.events
 
-        async def watched() -> EventBatches:
-            try:
-                async for batch in events:
-                    yield batch
-            except UpstreamError as exc:
-                # After the first byte there is no retry; the breaker still learns of it.
-                if breakers_on and exc.retryable and not isinstance(exc, UpstreamRateLimited):
-                    h.breaker.on_stream_failure(now=self._clock())
-                    self._flush(h)
-                h.failures += 1
-                h.last_error = exc.message
-                self.metrics.attempts.inc(self.metrics.deployments(c.key), "stream_" + exc.code)
-                raise
+        def failed(exc: UpstreamError) -> None:
+            # After the first byte there is no retry; the breaker still learns of it.
+            if breakers_on and exc.retryable and not isinstance(exc, UpstreamRateLimited):
+                h.breaker.on_stream_failure(now=self._clock())
+                self._flush(h)
+            h.failures += 1
+            h.last_error = exc.message
+            self.metrics.attempts.inc(self.metrics.deployments(c.key), "stream_" + exc.code)
 
-        reply.events = watched()
+        reply.on_failure = failed
         _on_close(reply, done)
 
 
@@ -465,13 +458,7 @@ async def _peek(reply: StreamReply, provider: str) -> None:
             raise UpstreamUnavailable(
                 f"provider {provider} sent a stream event that is not JSON", code="upstream_malformed_stream"
             ) from None
-
-    async def replay() -> EventBatches:
-        yield first
-        async for batch in events:
-            yield batch
-
-    reply.events = replay()
+    reply.first = first  # relayed before the rest: no replaying generator in every event's way
 
 
 def prepare_call(
