@@ -45,9 +45,13 @@ class SSEDecoder:
             end = buf.find(b"\n\n", pos)
             if end < 0:
                 break
-            ev = _parse_block(buf[pos:end])
-            if ev is not None:
-                events.append(ev)
+            if buf.startswith(b"data: ", pos) and buf.find(b"\n", pos, end) < 0:
+                # The usual event, one "data: ..." line: no block slice, no parse call.
+                events.append(SSEEvent(buf[pos + 6 : end]))
+            else:
+                ev = _parse_block(buf[pos:end])
+                if ev is not None:
+                    events.append(ev)
             pos = end + 2
         self._buf = buf[pos:] if pos else buf
         return events
