@@ -10,6 +10,7 @@ from ._errors import (
     PayloadTooLarge,
     RequestTimeout,
     ShuttingDown,
+    TooEarly,
     UpstreamError,
 )
 from ._exchange import Exchange
@@ -54,6 +55,7 @@ __all__ = [
     "Response",
     "ShuttingDown",
     "StreamIdleTimeout",
+    "TooEarly",
     "TotalTimeout",
     "Transport",
     "TransportError",

@@ -49,8 +49,8 @@ class AccessLog:
         status = ex.status
         if ex.error is not None and status == 200:
             status = ex.error.status  # a stream that failed after its headers
-        m.requests.inc(ex.route, model, provider, str(status))
-        m.request_duration.observe(total, ex.route, model, status_class(status))
+        m.requests.inc(ex.route, model, provider, str(status), ex.protocol)
+        m.request_duration.observe(total, ex.route, model, status_class(status), ex.protocol)
         if ex.provider:
             m.upstream_duration.observe(ex.upstream_seconds, provider, m.deployments(ex.deployment))
             m.gateway_overhead.observe(max(0.0, total - ex.upstream_seconds), ex.route)
@@ -73,6 +73,7 @@ class AccessLog:
                 "status": status,
                 "latency_ms": round(total * 1000, 3),
                 "remote": ex.remote,
+                "protocol": ex.protocol,
             }
             if ex.model:
                 fields["model"] = ex.model

@@ -20,6 +20,7 @@ JSON at exactly one boundary (``hapax.api._error_shape``), in OpenAI or Anthropi
     │   │   └── ClientWriteTimeout  the client stopped reading its response
     │   ├── PayloadTooLarge         413
     │   ├── UnsupportedMediaType    415
+    │   ├── TooEarly                425 a non-idempotent request in TLS early data (HTTP/3 0-RTT)
     │   └── RateLimited             429 (retry_after)
     │       └── QuotaExceeded       429 insufficient_quota: a token quota or USD budget
     ├── UpstreamError               remote faults, after the gateway tried
@@ -154,6 +155,14 @@ class PayloadTooLarge(ClientError):
 class UnsupportedMediaType(ClientError):
     status = 415
     code = "unsupported_media_type"
+
+
+class TooEarly(ClientError):
+    """RFC 8470: the request came in 0-RTT early data, which an attacker may replay; the
+    client retries it after the handshake (HTTP/3 with ``server.http3.early_data: reject``)."""
+
+    status = 425
+    code = "too_early"
 
 
 class RateLimited(ClientError):

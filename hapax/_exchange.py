@@ -20,6 +20,8 @@ class Exchange:
     path: str
     remote: str
     started: float = field(default_factory=time.perf_counter)
+    #: The front door's protocol (``h1``, ``h3``), from ``Request.protocol``.
+    protocol: str = "h1"
     model: str = ""
     provider: str = ""
     #: The deployment (``provider/model``) of the last attempt, and its upstream model name.

@@ -15,6 +15,8 @@ class Request:
     body: bytes
     remote: str = ""
     query: Mapping[str, str] = field(default_factory=dict)
+    #: Which front door it came through (``h1``, ``h3``): the ``protocol`` label of the request metrics.
+    protocol: str = "h1"
 
 
 @dataclass(slots=True)

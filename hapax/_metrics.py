@@ -302,13 +302,13 @@ class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = Registry()
         self.requests = r.add(Counter(
-            "hapax_requests_total", "Requests answered, by route, model, provider and status.",
-            ("route", "model", "provider", "status"),
+            "hapax_requests_total", "Requests answered, by route, model, provider, status and protocol (h1|h3).",
+            ("route", "model", "provider", "status", "protocol"),
         ))
         self.request_duration = r.add(Histogram(
             "hapax_request_duration_seconds",
-            "Total time from request received to last byte sent, by route, model and status class.",
-            ("route", "model", "status_class"), buckets=LATENCY_BUCKETS,
+            "Total time from request received to last byte sent, by route, model, status class and protocol.",
+            ("route", "model", "status_class", "protocol"), buckets=LATENCY_BUCKETS,
         ))
         self.upstream_duration = r.add(Histogram(
             "hapax_upstream_duration_seconds",
@@ -432,6 +432,26 @@ class GatewayMetrics:
         self.http_protocol_errors = r.add(Counter(
             "hapax_http_protocol_errors_total", "Requests refused as malformed HTTP (bad request line or headers).",
         ))
+        # The HTTP/3 front door (node.http3): QUIC handshakes, 0-RTT and migrations.
+        self.http3_handshakes = r.add(Counter(
+            "hapax_http3_handshakes_total", "QUIC handshakes completed, by kind (full|resumed).", ("kind",),
+        ))
+        self.http3_zero_rtt = r.add(Counter(
+            "hapax_http3_early_data_total",
+            "Requests that arrived in 0-RTT early data, by outcome (accepted|held|refused).", ("outcome",),
+        ))
+        self.http3_migrations = r.add(Counter(
+            "hapax_http3_migrations_total", "QUIC connections whose client moved to a new address.",
+        ))
+        self.http3_connections_open = r.add(Gauge(
+            "hapax_http3_connections_open", "QUIC connections open right now.",
+        ))
+        for kind in ("full", "resumed"):
+            self.http3_handshakes.zero(kind)
+        for outcome in ("accepted", "held", "refused"):
+            self.http3_zero_rtt.zero(outcome)
+        self.http3_migrations.zero()
+        self.http3_connections_open.set(to=0)
         for reason in CONNECTION_CLOSE_REASONS:
             self.connections_closed.inc(reason, by=0)
         self.http_protocol_errors.inc(by=0)
@@ -473,6 +493,9 @@ class GatewayMetrics:
         self.deployments = LabelBound()
         self.teams = LabelBound()
         self._served: tuple[tuple[str, str], ...] = ()
+        #: The front doors' ``protocol`` label values whose zero series exist; ``h3`` is added
+        #: by the node when HTTP/3 is on, so a node without it exports no ``h3`` zeros.
+        self.protocols: tuple[str, ...] = ("h1",)
 
     def bind_config(
         self,
@@ -488,10 +511,8 @@ class GatewayMetrics:
         self.models = LabelBound(model_names)
         self.providers = LabelBound(provider_names)
         self._served = tuple(served)
+        self._zero_requests()
         for model, provider in self._served:
-            for route in MODEL_ROUTES:
-                for status in ZERO_STATUSES:
-                    self.requests.zero(route, model, provider, status)
             for direction in ("input", "output"):
                 self.tokens.zero(model, provider, direction)
         for model in {m for m, _ in self._served}:
@@ -505,6 +526,19 @@ class GatewayMetrics:
             for result in ("ok", "fail"):
                 self.probes.zero(provider, result)
         self._zero_teams()
+
+    def _zero_requests(self) -> None:
+        for model, provider in self._served:
+            for route in MODEL_ROUTES:
+                for status in ZERO_STATUSES:
+                    for protocol in self.protocols:
+                        self.requests.zero(route, model, provider, status, protocol)
+
+    def add_protocol(self, protocol: str) -> None:
+        """Another front door serves requests: its zero series exist from now on."""
+        if protocol not in self.protocols:
+            self.protocols = (*self.protocols, protocol)
+            self._zero_requests()
 
     def bind_deployments(self, keys: Iterable[str]) -> None:
         self.deployments = LabelBound(keys)

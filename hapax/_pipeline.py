@@ -191,7 +191,7 @@ class Gateway(BuiltinRoutes):
             rid = new_request_id()
         op_route = _OPS.get(req.path)
         route = op_route[1] if op_route else _route_name(req.path)
-        ex = Exchange(rid, route, req.method, req.path, req.remote)
+        ex = Exchange(rid, route, req.method, req.path, req.remote, protocol=req.protocol)
         ex.anthropic = req.path == "/v1/messages"
         # The request's snapshot: everything below, settlement included, reads this one.
         rt = self.runtime

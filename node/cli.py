@@ -55,6 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("cluster", help="cluster tools (etcd)")
     clsub = cl.add_subparsers(dest="cluster_command", required=True)
     reload_cli.add_parser(clsub)
+    ce = sub.add_parser("certs", help="TLS certificates for the HTTP/3 door")
+    cesub = ce.add_subparsers(dest="certs_command", required=True)
+    dev = cesub.add_parser("dev", help="write a self-signed certificate and key for local use")
+    dev.add_argument("--dir", type=Path, default=Path("certs"), help="where to write cert.pem and key.pem (./certs)")
+    dev.add_argument("--name", action="append", metavar="HOST",
+                     help="a DNS name or IP the certificate covers (repeatable; localhost, 127.0.0.1, ::1)")
+    dev.add_argument("--days", type=int, default=90, help="validity in days (90)")
     return p
 
 
@@ -98,6 +105,13 @@ def _run(args: argparse.Namespace) -> int:
         return access_cli.run(args)
     if args.command == "cluster" and args.cluster_command == "reload":
         return reload_cli.run(args)
+    if args.command == "certs":
+        from .certs import DEV_NAMES, write_dev_pair
+
+        cert, key = write_dev_pair(args.dir, names=tuple(args.name or DEV_NAMES), days=args.days)
+        print(f"wrote {cert} and {key} (self-signed; for development only)")
+        print(f"server.http3: {{enabled: true, certificate_file: {cert}, key_file: {key}}}")
+        return 0
     if args.command == "config":
         if args.config_command == "schema":
             sys.stdout.write(orjson.dumps(config_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")

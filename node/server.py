@@ -21,7 +21,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aetcd
 import orjson
@@ -61,6 +61,9 @@ from .state import RoutingState
 from .upstream import transport_factory
 from .workers import WorkerIdentity
 
+if TYPE_CHECKING:
+    from .http3 import Http3Door
+
 log = logging.getLogger("hapax.node")
 
 #: Seconds to write a cut stream's closing events; a client that takes none is dropped.
@@ -84,6 +87,9 @@ class FrontDoor:
         self.gateway = gateway
         #: ``x-hapax-worker`` on every response of a node with several workers: which one answered.
         self.worker = worker
+        #: Headers every response gets, computed once: ``x-hapax-worker``, and ``alt-svc`` while
+        #: the HTTP/3 door is on (``advertise``); empty, they cost one truth test per request.
+        self.extra_headers: dict[str, str] = {"x-hapax-worker": worker} if worker is not None else {}
         #: Set by ``Node.start``; counts and logs closes the front door decides.
         self.listener: Listener | None = None
         self.shutting_down = False
@@ -117,8 +123,8 @@ class FrontDoor:
                     body, reject = await self._read_body(request, limit, srv.body_timeout)
         resp = await self.gateway.handle(_request(request, body), reject=reject)
         resp.headers["server"] = SERVER_HEADER
-        if self.worker is not None:
-            resp.headers["x-hapax-worker"] = self.worker
+        if self.extra_headers:
+            resp.headers.update(self.extra_headers)
         if resp.stream is None:
             out = web.Response(status=resp.status, body=resp.body, headers=resp.headers)
             if reject is not None:
@@ -183,6 +189,13 @@ class FrontDoor:
             if aclose is not None:
                 await aclose()
         return sresp
+
+    def advertise(self, alt_svc: str | None) -> None:
+        """Say (or stop saying) on every response where the HTTP/3 door listens."""
+        if alt_svc is None:
+            self.extra_headers.pop("alt-svc", None)
+        else:
+            self.extra_headers["alt-svc"] = alt_svc
 
     def cut_streams(self) -> int:
         """End every open stream with a ``shutting_down`` error event; how many there were."""
@@ -307,6 +320,8 @@ class Node:
             self.gateway.metrics_peers = lambda: peers.gather(run_dir, count, me)
         self._fd_watch: asyncio.Task[None] | None = None
         self.addresses: list[str] = []
+        #: The HTTP/3 door, when ``server.http3.enabled`` (read at start-up only).
+        self.h3: Http3Door | None = None
 
     async def _snapshot(self) -> bytes:
         """This worker's values for a sibling: copied on the loop, encoded in a thread."""
@@ -341,15 +356,29 @@ class Node:
         site = web.TCPSite(self._runner, srv.host, srv.port, reuse_port=True, backlog=srv.listen_backlog)
         await site.start()
         self.addresses = [f"{a[0]}:{a[1]}" for a in self._runner.addresses if isinstance(a, tuple)]
+        if srv.http3.enabled:
+            await self._start_http3()
         if self._peers is not None:
             await self._peers.start()
         if self.reload_watch is not None:
             await self.reload_watch.start()
         self.gateway.start()
         fields: dict[str, Any] = {"addresses": self.addresses}
+        if self.h3 is not None:
+            fields["http3"] = self.h3.address
         if self.identity.count > 1:
             fields.update(worker=self.identity.index, workers=self.identity.count)
         log.info("listening", extra={"fields": fields})
+
+    async def _start_http3(self) -> None:
+        from .http3 import Http3Door, alt_svc  # aioquic is imported only by nodes that serve HTTP/3
+
+        self.gateway.metrics.add_protocol("h3")
+        listener = self.front.listener
+        assert listener is not None
+        self.h3 = Http3Door(self.gateway, worker=self.front.worker, closed=listener.closed)
+        await self.h3.start()
+        self.front.advertise(alt_svc(self.config.server.http3, self.h3.port))
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -382,6 +411,8 @@ class Node:
         rt = gw.rebuild_providers(secrets)
         if self.source is not None:
             self.source.poke()
+        if self.h3 is not None:
+            self.h3.reload(force=True)  # the HTTP/3 certificate pair, mounted like the keys
         result = "failure" if problems else "success"
         gw.metrics.reloads.inc(trigger, result)
         fields: dict[str, Any] = {
@@ -414,17 +445,22 @@ class Node:
             await asyncio.sleep(delay)
         for site in list(self._runner.sites):
             await site.stop()
+        if self.h3 is not None:
+            self.h3.goaway()
         deadline = started + grace
         while self.gateway.in_flight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._fd_watch is not None:
             self._fd_watch.cancel()
         left = self.gateway.in_flight
-        if self.front.cut_streams():
+        doors: list[FrontDoor | Http3Door] = [self.front] if self.h3 is None else [self.front, self.h3]
+        if sum(door.cut_streams() for door in doors):
             # Streams still open at the end of the grace get an error event, not a silent cut.
             cut_deadline = time.monotonic() + CUT_WAIT
-            while self.front.open_streams and time.monotonic() < cut_deadline:
+            while any(door.open_streams for door in doors) and time.monotonic() < cut_deadline:
                 await asyncio.sleep(0.02)
+        if self.h3 is not None:
+            await self.h3.aclose()
         await self._runner.cleanup()
         if self.reload_watch is not None:
             await self.reload_watch.close()
@@ -443,6 +479,8 @@ class Node:
         while True:
             await asyncio.sleep(_FD_CHECK_INTERVAL)
             limits.check(self.gateway.runtime.config)
+            if self.h3 is not None:
+                self.h3.reload()  # a certificate pair renewed on disk (a rotated secret)
 
     async def _watch_config(self) -> None:
         """Apply what the config source yields until cancelled; nothing else stops it.
@@ -489,8 +527,14 @@ class Node:
             log.warning("state.redis, state.cluster and state.lease_seconds take effect on restart only")
         if cfg.server.workers != old.server.workers:
             log.warning("server.workers changes take effect on restart only")
+        if cfg.server.http3.enabled != old.server.http3.enabled or (
+            (cfg.server.http3.host, cfg.server.http3.port) != (old.server.http3.host, old.server.http3.port)
+        ):
+            log.warning("server.http3.enabled, host and port take effect on restart only")
         logs.configure(cfg.logging)
         rt = self.gateway.apply(event, secrets=secrets)
+        if self.h3 is not None:
+            self.h3.reload()
         m.config_reloads.inc("success")
         log.info("config reloaded", extra={"fields": {
             "revision": rt.revision, "generation": rt.generation, "source": event.source, "digest": event.digest,

@@ -181,6 +181,52 @@ class CORSConfig(_Model):
     max_age: int = Field(600, ge=0, description="seconds")
 
 
+#: aioquic's default; below the NAT bindings of common home routers (30 s+ for UDP is rare,
+#: so clients send PINGs), above any pause between a client's requests on a busy link.
+DEFAULT_HTTP3_IDLE_TIMEOUT = 60.0
+#: Stream and connection windows: large enough that a 10 MiB body needs a few round trips,
+#: not hundreds; a client can make the node buffer at most this per connection.
+DEFAULT_HTTP3_MAX_STREAM_DATA = 1024 * 1024
+DEFAULT_HTTP3_MAX_DATA = 4 * 1024 * 1024
+#: Fits a 1,280-byte IPv6 minimum MTU path after the IP and UDP headers; larger is only
+#: safe where every hop's MTU is known.
+DEFAULT_HTTP3_MAX_DATAGRAM_SIZE = 1200
+
+
+class Http3Config(_Model):
+    """The HTTP/3 (QUIC) front door, beside the HTTP/1.1 one (``node.http3``)."""
+
+    enabled: bool = False
+    #: Defaults to ``server.host``; the UDP port defaults to ``server.port`` (TCP and UDP
+    #: ports are separate, so both doors can share the number, as Alt-Svc's ``h3=":8080"`` says).
+    host: str | None = None
+    port: int | None = Field(None, ge=0, le=65535)
+    #: PEM files; a change to either is picked up without a restart (new connections only).
+    certificate_file: str | None = None
+    key_file: str | None = None
+    idle_timeout: float = Field(DEFAULT_HTTP3_IDLE_TIMEOUT, gt=0, description="seconds")
+    #: Concurrent request streams a client may open on one connection (QUIC MAX_STREAMS).
+    max_streams: int = Field(128, ge=1, le=100_000)
+    #: Flow-control windows, bytes: per stream (``initial_max_stream_data``) and per connection.
+    max_stream_data: int = Field(DEFAULT_HTTP3_MAX_STREAM_DATA, ge=16 * 1024)
+    max_data: int = Field(DEFAULT_HTTP3_MAX_DATA, ge=16 * 1024)
+    max_datagram_size: int = Field(DEFAULT_HTTP3_MAX_DATAGRAM_SIZE, ge=1200, le=65527)
+    #: ``Alt-Svc: h3=":port"; ma=...`` on HTTP/1.1 responses; 0 turns the header off.
+    alt_svc_max_age: int = Field(86_400, ge=0, description="seconds")
+    #: A request that is not safe to replay (anything but GET, HEAD, OPTIONS) arriving in 0-RTT
+    #: early data: ``reject`` answers 425 Too Early (RFC 8470; the client retries after the
+    #: handshake), ``hold`` waits for the handshake to finish, then serves it.
+    early_data: Literal["reject", "hold"] = "reject"
+    #: Session tickets are issued for resumption; ``false`` turns 0-RTT and resumption off.
+    session_tickets: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> Http3Config:
+        if self.enabled and (self.certificate_file is None or self.key_file is None):
+            raise ValueError("server.http3.enabled needs certificate_file and key_file (hapax certs dev writes a pair)")
+        return self
+
+
 class ServerConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -206,6 +252,7 @@ class ServerConfig(_Model):
     #: Processes serving the port (SO_REUSEPORT), or ``auto``: one per core the node may run on.
     #: Above 1 it needs ``state.redis.url``; read at start-up only (``--workers`` overrides it).
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(1, description="processes, or auto")
+    http3: Http3Config = Field(default_factory=Http3Config)
 
 
 #: Long enough that renewal (every third of it) survives a busy loop or a Redis blip;
