@@ -112,10 +112,13 @@ class H3Client(QuicConnectionProtocol):
         self.http.send_data(sid, data, end_stream=end)
         self.transmit()
 
-    async def events(self, sid: int) -> AsyncIterator[tuple[H3Response, bytes | None]]:
-        """(response so far, a body chunk) as they come; the chunk is None for the headers."""
+    async def events(
+        self, sid: int, resp: H3Response | None = None
+    ) -> AsyncIterator[tuple[H3Response, bytes | None]]:
+        """(response so far, a body chunk) as they come; the chunk is None for the headers.
+        A reset ends it with ``resp.reset`` set (pass ``resp`` to see it)."""
         p = self._pending[sid]
-        resp = H3Response()
+        resp = resp if resp is not None else H3Response()
         try:
             while True:
                 ev = await p.events.get()
@@ -143,8 +146,7 @@ class H3Client(QuicConnectionProtocol):
         """The whole response on stream ``sid``."""
         chunks: list[bytes] = []
         resp = H3Response()
-        async for head, chunk in self.events(sid):
-            resp = head
+        async for _head, chunk in self.events(sid, resp):
             if chunk is not None:
                 chunks.append(chunk)
         resp.body = b"".join(chunks)

@@ -157,8 +157,11 @@ class _Connection(QuicConnectionProtocol):
             if not self._handshake.done():
                 self._handshake.set_result(None)
         elif isinstance(event, StreamReset):
-            s = self._streams.pop(event.stream_id, None)
-            if s is not None:
+            s = self._streams.get(event.stream_id)
+            # After our STOP_SENDING (``_refuse``) the client resets its sending half, as
+            # RFC 9000 §3.5 asks: that is an answer to ours, not a cancel; the response goes on.
+            if s is not None and s.reject is None:
+                del self._streams[event.stream_id]
                 self._drop(s)
         elif isinstance(event, ConnectionTerminated):
             self._terminated()
