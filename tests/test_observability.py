@@ -55,8 +55,8 @@ def test_counters_exist_at_zero_before_any_request(gateway: Callable[..., Gatewa
     gw = gateway(_config())
     m = _metrics(gw)
     for series in (
-        'hapax_requests_total{model="demo",provider="demo",route="chat_completions",status="200"}',
-        'hapax_requests_total{model="down",provider="down",route="messages",status="502"}',
+        'hapax_requests_total{model="demo",protocol="h1",provider="demo",route="chat_completions",status="200"}',
+        'hapax_requests_total{model="down",protocol="h1",provider="down",route="messages",status="502"}',
         'hapax_errors_total{code="upstream_unavailable",model="demo",route="chat_completions",type="api_error"}',
         'hapax_errors_total{code="rate_limit_exceeded",model="down",route="embeddings",type="rate_limit_error"}',
         'hapax_tokens_total{direction="output",model="demo",provider="demo"}',
@@ -98,9 +98,9 @@ def test_latency_by_model_status_class_and_deployment(gateway: Callable[..., Gat
     client.close()
     m = _metrics(gw)
     dur = "hapax_request_duration_seconds_count"
-    assert m[f'{dur}{{model="demo",route="chat_completions",status_class="2xx"}}'] == 2
-    assert m[f'{dur}{{model="down",route="chat_completions",status_class="5xx"}}'] == 1
-    assert m[f'{dur}{{model="none",route="chat_completions",status_class="4xx"}}'] == 1
+    assert m[f'{dur}{{model="demo",protocol="h1",route="chat_completions",status_class="2xx"}}'] == 2
+    assert m[f'{dur}{{model="down",protocol="h1",route="chat_completions",status_class="5xx"}}'] == 1
+    assert m[f'{dur}{{model="none",protocol="h1",route="chat_completions",status_class="4xx"}}'] == 1
     assert m['hapax_upstream_duration_seconds_count{deployment="demo/demo-up",provider="demo"}'] == 2
     assert m['hapax_upstream_duration_seconds_count{deployment="down/down",provider="down"}'] == 1
     errors = 'hapax_errors_total{code="upstream_unavailable",model="down",route="chat_completions",type="api_error"}'
@@ -231,7 +231,7 @@ def test_a_reload_adds_the_new_models_series_at_zero(gateway: Callable[..., Gate
     models = [*cfg["models"], {"name": "extra", "provider": "demo", "model": "extra-up"}]  # type: ignore[misc]
     gw.write_config({**cfg, "models": models})
     gw.signal(signal.SIGHUP)
-    want = ('hapax_requests_total{model="extra",provider="demo",route="chat_completions",status="502"}',
+    want = ('hapax_requests_total{model="extra",protocol="h1",provider="demo",route="chat_completions",status="502"}',
             'hapax_upstream_attempts_total{deployment="demo/extra-up",outcome="ok"}')
     deadline = time.monotonic() + 10
     while not all(k in (m := _metrics(gw)) for k in want) and time.monotonic() < deadline:

@@ -91,7 +91,7 @@ def test_two_workers_both_answer_and_metrics_are_the_nodes_totals(
     assert sorted(answered) == ["0", "1"]
 
     # Whichever worker a scrape lands on, it reports both workers' counts added up.
-    series = 'hapax_requests_total{model="demo",provider="demo",route="chat_completions",status="200"}'
+    series = 'hapax_requests_total{model="demo",protocol="h1",provider="demo",route="chat_completions",status="200"}'
     scraped_by: set[str] = set()
     scrapes = 0
     while len(scraped_by) < 2:
