@@ -100,7 +100,7 @@ def alt_svc(h3: Http3Config, port: int) -> str | None:
     """The ``Alt-Svc`` value HTTP/1.1 responses carry, or None when it is off."""
     if not h3.enabled or h3.alt_svc_max_age == 0:
         return None
-    return f'h3=":{port}"; ma={h3.alt_svc_max_age}'
+    return f'h3=":{h3.advertise_port or port}"; ma={h3.alt_svc_max_age}'
 
 
 class _Stream:
@@ -512,6 +512,10 @@ class Http3Door:
         )
         self._server = protocol
         self.port = transport.get_extra_info("sockname")[1]
+
+    def alt_svc(self) -> str | None:
+        """The ``Alt-Svc`` the HTTP/1.1 door sends now (the config's max-age, this port)."""
+        return alt_svc(self.h3, self.port)
 
     @property
     def address(self) -> str:

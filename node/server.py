@@ -371,14 +371,14 @@ class Node:
         log.info("listening", extra={"fields": fields})
 
     async def _start_http3(self) -> None:
-        from .http3 import Http3Door, alt_svc  # aioquic is imported only by nodes that serve HTTP/3
+        from .http3 import Http3Door  # aioquic is imported only by nodes that serve HTTP/3
 
         self.gateway.metrics.add_protocol("h3")
         listener = self.front.listener
         assert listener is not None
         self.h3 = Http3Door(self.gateway, worker=self.front.worker, closed=listener.closed)
         await self.h3.start()
-        self.front.advertise(alt_svc(self.config.server.http3, self.h3.port))
+        self.front.advertise(self.h3.alt_svc())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -535,6 +535,7 @@ class Node:
         rt = self.gateway.apply(event, secrets=secrets)
         if self.h3 is not None:
             self.h3.reload()
+            self.front.advertise(self.h3.alt_svc())
         m.config_reloads.inc("success")
         log.info("config reloaded", extra={"fields": {
             "revision": rt.revision, "generation": rt.generation, "source": event.source, "digest": event.digest,

@@ -125,11 +125,17 @@ def test_http1_responses_advertise_http3_with_alt_svc(gateway: Any, certs: tuple
     gw = gateway(_config(certs, alt_svc_max_age=3600))
     r = httpx.get(gw.url + "/v1/models")
     assert r.headers["alt-svc"] == f'h3=":{gw.port}"; ma=3600'
+    # A reload that changes the max-age changes the header.
+    gw.write_config(_config(certs, alt_svc_max_age=60))
+    gw.signal(signal.SIGHUP)
+    _wait(lambda: httpx.get(gw.url + "/v1/models").headers["alt-svc"] == f'h3=":{gw.port}"; ma=60')
     off = gateway(_config(certs, enabled=False))
     assert "alt-svc" not in httpx.get(off.url + "/v1/models").headers
     silent = gateway(_config(certs, alt_svc_max_age=0))
     assert "alt-svc" not in httpx.get(silent.url + "/v1/models").headers
     assert _run(_h3(silent.port, certs[0], "GET", "/v1/models", "x")).status == 200
+    behind = gateway(_config(certs, advertise_port=443))  # a Service maps 443 to the pod's port
+    assert httpx.get(behind.url + "/v1/models").headers["alt-svc"] == 'h3=":443"; ma=86400'
 
 
 async def _ticket(port: int, cert: Path) -> SessionTicket:

@@ -213,6 +213,9 @@ class Http3Config(_Model):
     max_datagram_size: int = Field(DEFAULT_HTTP3_MAX_DATAGRAM_SIZE, ge=1200, le=65527)
     #: ``Alt-Svc: h3=":port"; ma=...`` on HTTP/1.1 responses; 0 turns the header off.
     alt_svc_max_age: int = Field(86_400, ge=0, description="seconds")
+    #: The port Alt-Svc names, when clients reach the UDP port under another number (a
+    #: Kubernetes Service mapping 443 to the pod's 8080); defaults to the port bound.
+    advertise_port: int | None = Field(None, ge=1, le=65535)
     #: A request that is not safe to replay (anything but GET, HEAD, OPTIONS) arriving in 0-RTT
     #: early data: ``reject`` answers 425 Too Early (RFC 8470; the client retries after the
     #: handshake), ``hold`` waits for the handshake to finish, then serves it.
