@@ -148,7 +148,11 @@ def _run(args: argparse.Namespace) -> int:
         logs.configure(cfg.logging)
         logs.WRITER.shared()  # the workers write to the same stderr
         try:
-            return Supervisor(args.argv, count, stop_timeout=stop_timeout(cfg)).run()
+            h3 = cfg.server.http3
+            # One UDP socket per worker, held by the supervisor and steered by connection id.
+            udp = (h3.host or cfg.server.host, h3.port if h3.port is not None else cfg.server.port) \
+                if h3.enabled else None
+            return Supervisor(args.argv, count, stop_timeout=stop_timeout(cfg), udp=udp).run()
         finally:
             logs.flush()
     return 2

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
@@ -67,6 +68,7 @@ from hapax.config import Http3Config
 
 from .certs import CertificateFiles
 from .protocol import SERVER_HEADER
+from .quic_steering import ENV_UDP_FD, steer_connection_ids
 from .quic_tickets import TicketStore
 
 log = logging.getLogger("hapax.node")
@@ -128,6 +130,8 @@ class _Connection(QuicConnectionProtocol):
         # No public setter: the value is sent in the transport parameters, which are not
         # written before the first datagram, so setting it here takes effect.
         quic._local_max_streams_bidi.value = door.h3.max_streams
+        if door.steer_index is not None:
+            steer_connection_ids(quic, door.steer_index)
         self._h3: H3Connection | None = None
         self._streams: dict[int, _Stream] = {}
         self._handshake = self._loop.create_future()
@@ -469,6 +473,9 @@ class Http3Door:
         self.draining = False
         self.shutting_down = False
         self.port = 0
+        #: This worker's index in the connection ids it issues, when the supervisor steers
+        #: datagrams by connection id (node.quic_steering); None: one process, or hashed.
+        self.steer_index: int | None = None
         self._server: _Server | None = None
         self._certs: CertificateFiles | None = None
         self._h3_for: Http3Config | None = None
@@ -495,9 +502,15 @@ class Http3Door:
         host = h3.host or srv.host
         port = h3.port if h3.port is not None else srv.port
         tickets = self.tickets if h3.session_tickets else None
-        # SO_REUSEPORT: with --workers, every worker binds the port and the kernel spreads
-        # flows by address hash (docs/architecture.md says what that means for migration).
+        # With --workers the supervisor's socket steers by connection id (node.quic_steering);
+        # without one (a single process), SO_REUSEPORT lets a restarted node rebind at once.
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        endpoint: dict[str, Any] = {"local_addr": (host, port), "family": family, "reuse_port": True}
+        inherited = os.environ.get(ENV_UDP_FD)
+        if inherited is not None and self.worker is not None:
+            # The supervisor's socket for this worker: datagrams steered by connection id.
+            endpoint = {"sock": socket.socket(fileno=int(inherited))}
+            self.steer_index = int(self.worker)
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: _Server(
                 door=self,
@@ -506,9 +519,7 @@ class Http3Door:
                 session_ticket_fetcher=tickets.pop if tickets is not None else None,
                 session_ticket_handler=tickets.add if tickets is not None else None,
             ),
-            local_addr=(host, port),
-            family=family,
-            reuse_port=True,
+            **endpoint,
         )
         self._server = protocol
         self.port = transport.get_extra_info("sockname")[1]

@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -42,6 +43,8 @@ from pathlib import Path
 from typing import Final
 
 from hapax import Config, ConfigError
+
+from . import quic_steering
 
 log = logging.getLogger("hapax.node")
 
@@ -133,7 +136,9 @@ def check_shared_state(cfg: Config, count: int, env: Mapping[str, str]) -> None:
 class Supervisor:
     """Starts ``count`` workers, restarts those that die, and stops them all on a signal."""
 
-    def __init__(self, argv: Sequence[str], count: int, *, stop_timeout: float) -> None:
+    def __init__(
+        self, argv: Sequence[str], count: int, *, stop_timeout: float, udp: tuple[str, int] | None = None
+    ) -> None:
         #: The worker's command: this same ``hapax`` invocation, run as a worker by its env.
         self.cmd = [sys.executable, "-m", "node", *argv]
         self.count = count
@@ -142,6 +147,9 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._run_dir: Path | None = None
         self._pipe_r = -1
+        #: The HTTP/3 door's (host, port), when it is on: one socket per worker (node.quic_steering).
+        self._udp_addr = udp
+        self._udp: list[socket.socket] = []
 
     def run(self) -> int:
         return asyncio.run(self._run())
@@ -153,6 +161,8 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         self._run_dir = Path(tempfile.mkdtemp(prefix="hapax-node-"))  # 0700, this node's only
         self._pipe_r, pipe_w = os.pipe()
+        if self._udp_addr is not None and self.count <= quic_steering.MAX_WORKERS:
+            self._udp = quic_steering.bind_group(*self._udp_addr, self.count)
         log.info("supervisor started", extra={"fields": {"workers": self.count, "pid": os.getpid()}})
         try:
             keepers = [asyncio.create_task(self._keep(i)) for i in range(self.count)]
@@ -170,6 +180,8 @@ class Supervisor:
         finally:
             os.close(pipe_w)
             os.close(self._pipe_r)
+            for sock in self._udp:
+                sock.close()
             shutil.rmtree(self._run_dir, ignore_errors=True)
         log.info("supervisor stopped")
         return 0
@@ -217,7 +229,11 @@ class Supervisor:
             ENV_RUNTIME_DIR: str(self._run_dir),
             ENV_SUPERVISOR_FD: str(self._pipe_r),
         }
-        return await asyncio.create_subprocess_exec(*self.cmd, env=env, pass_fds=(self._pipe_r,))
+        fds = [self._pipe_r]
+        if self._udp:
+            fds.append(self._udp[index].fileno())
+            env[quic_steering.ENV_UDP_FD] = str(fds[-1])
+        return await asyncio.create_subprocess_exec(*self.cmd, env=env, pass_fds=fds)
 
 
 def _how(code: int) -> str:

@@ -200,28 +200,32 @@ def test_a_ticket_resumes_once(gateway: Any, certs: tuple[Path, Path]) -> None:
 
 def test_a_client_that_changes_address_mid_stream_keeps_its_stream(gateway: Any, certs: tuple[Path, Path]) -> None:
     gw = gateway(_config(certs))
-
-    async def go() -> tuple[bytes, int, int]:
-        async with connect("127.0.0.1", gw.port, client_configuration(cafile=str(certs[0]))) as c:
-            sid = c.send("POST", "/v1/chat/completions", JSON, _chat(True, "slow"))
-            body, before = b"", c.local_port
-            async for resp, chunk in c.events(sid):
-                assert resp.status == 200
-                if chunk is not None:
-                    body += chunk
-                    if body.count(b"data: ") == 2:
-                        await c.rebind()  # a new UDP socket: a new source port mid-stream
-            return body, before, c.local_port
-
-    body, before, after = _run(go())
+    body, before, after = _run(_migrate(gw.port, certs[0]))
     assert before != after
-    text = "".join(
+    assert _text(body) == REPLY
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert _metric(gw, "hapax_http3_migrations_total") == 1
+
+
+async def _migrate(port: int, cert: Path) -> tuple[bytes, int, int]:
+    """A slow stream whose client moves to a new UDP port after the second event."""
+    async with connect("127.0.0.1", port, client_configuration(cafile=str(cert))) as c:
+        sid = c.send("POST", "/v1/chat/completions", JSON, _chat(True, "slow"))
+        body, before = b"", c.local_port
+        async for resp, chunk in c.events(sid):
+            assert resp.status == 200
+            if chunk is not None:
+                body += chunk
+                if body.count(b"data: ") == 2:
+                    await c.rebind()  # a new UDP socket: a new source port mid-stream
+        return body, before, c.local_port
+
+
+def _text(body: bytes) -> str:
+    return "".join(
         (orjson.loads(line[6:])["choices"] or [{"delta": {}}])[0]["delta"].get("content") or ""
         for line in body.decode().split("\n\n") if line.startswith("data: {")
     )
-    assert text == REPLY
-    assert body.endswith(b"data: [DONE]\n\n")
-    assert _metric(gw, "hapax_http3_migrations_total") == 1
 
 
 def test_a_verifying_client_refuses_a_certificate_it_does_not_trust(
@@ -388,4 +392,21 @@ def test_workers_share_the_udp_port(
         return seen
 
     assert _run(many()) == {"0", "1"}
+
+
+def test_with_two_workers_a_migrating_client_keeps_its_stream(
+    gateway: Any, certs: tuple[Path, Path], redis_url: str, udp_port: int
+) -> None:
+    """Datagrams are steered by connection id, not by address: after a move to a new port
+    (hashed anew, half the time to the other worker) the stream still reaches its worker."""
+    gw = gateway(_config(certs, port=udp_port), workers=2, redis=redis_url)
+
+    async def moves() -> list[tuple[bytes, int, int]]:
+        return await asyncio.gather(*(_migrate(udp_port, certs[0]) for _ in range(6)))
+
+    for body, before, after in _run(moves()):
+        assert before != after
+        assert _text(body) == REPLY
+        assert body.endswith(b"data: [DONE]\n\n")
+    assert _metric(gw, "hapax_http3_migrations_total") == 6
 
