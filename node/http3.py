@@ -328,7 +328,8 @@ class _Connection(QuicConnectionProtocol):
                 else:
                     h3.send_headers(sid, head)
                     h3.send_data(sid, body, end_stream=True)
-                self.transmit()
+                # Once per loop pass: the responses and ACKs of one pass share datagrams.
+                self._transmit_soon()
                 return
             await self._stream(sid, head, resp.stream)
         except asyncio.CancelledError:
@@ -351,10 +352,12 @@ class _Connection(QuicConnectionProtocol):
         cut: Callable[[HapaxError], bytes] | None = getattr(stream, "cut", None)
         try:
             h3.send_headers(sid, head)
-            self.transmit()
+            self._transmit_soon()
             async for chunk in stream:
+                # Events the upstream delivered in one read come out without a loop pass
+                # between them: deferring the send packs them into one datagram.
                 h3.send_data(sid, chunk, end_stream=False)
-                self.transmit()
+                self._transmit_soon()
                 if self._unsent(sid) > _SEND_HIGH and not await self._drained(sid):
                     # The client stopped reading (its flow-control window stays shut).
                     if cut is not None:
@@ -365,7 +368,7 @@ class _Connection(QuicConnectionProtocol):
                     self.transmit()
                     return
             h3.send_data(sid, b"", end_stream=True)
-            self.transmit()
+            self._transmit_soon()
         except asyncio.CancelledError:
             if not door.shutting_down or cut is None or sid not in self._streams:
                 raise  # the client went away
@@ -382,6 +385,10 @@ class _Connection(QuicConnectionProtocol):
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    def unacked(self) -> bool:
+        """Whether any response bytes on this connection still wait for the client's ACK."""
+        return any(self._unsent(sid) for sid in self._quic._streams if sid % 4 == 0)
 
     def _unsent(self, sid: int) -> int:
         """Bytes of the stream's response the client has not acknowledged yet."""
@@ -418,6 +425,9 @@ class _Connection(QuicConnectionProtocol):
             self.transmit()
 
     def close_gracefully(self) -> None:
+        # Responses whose last bytes wait for a deferred send (``_transmit_soon``) go first:
+        # once closing, aioquic sends only the CONNECTION_CLOSE.
+        self.transmit()
         self.close(error_code=ErrorCode.H3_NO_ERROR, reason_phrase="server shutting down")
 
 
@@ -598,6 +608,13 @@ class Http3Door:
         return len(self.streams)
 
     async def aclose(self) -> None:
+        # The last responses' bytes acknowledged (or a bounded wait) before CONNECTION_CLOSE,
+        # which would discard a lost packet's retransmission.
+        deadline = asyncio.get_running_loop().time() + _CUT_WRITE_TIMEOUT
+        while any(c.unacked() for c in self.connections) and asyncio.get_running_loop().time() < deadline:
+            for conn in list(self.connections):
+                conn.transmit()
+            await asyncio.sleep(_SEND_POLL)
         for conn in list(self.connections):
             conn.close_gracefully()
         if self._server is not None and self._server._transport is not None:
