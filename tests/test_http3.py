@@ -111,6 +111,14 @@ def test_completions_stream_or_not_are_the_same_bytes_as_on_http1(gateway: Any, 
             assert h3.headers["content-type"].startswith("text/event-stream")
             assert h3.body.endswith(b"data: [DONE]\n\n")
             assert h3.body.count(b"data: ") > 10
+    # The Anthropic surface too, streaming and not.
+    for i, stream in enumerate((False, True)):
+        body = orjson.dumps({"model": "demo", "max_tokens": 50, "stream": stream,
+                             "messages": [{"role": "user", "content": "go"}]})
+        hdrs = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
+        h1 = _h1(gw, "POST", "/v1/messages", f"msg-{i}", body, **hdrs)
+        assert h1.status_code == 200
+        _same_parts(h1, _run(_h3(gw.port, certs[0], "POST", "/v1/messages", f"msg-{i}", body, list(hdrs.items()))))
     for path in ("/v1/models", "/health/ready", "/nope"):
         _same_parts(_h1(gw, "GET", path, "get"), _run(_h3(gw.port, certs[0], "GET", path, "get")))
     # The request metrics say which door: h1 and h3 each answered two completions.
@@ -324,6 +332,32 @@ def test_sigterm_lets_an_http3_stream_in_flight_finish(gateway: Any, certs: tupl
     assert gw.proc is not None
     assert gw.proc.wait(15) == 0
     assert '"abandoned_requests":0' in gw.logs()
+
+
+def test_a_stream_cut_at_the_end_of_the_grace_ends_with_the_same_error_event_as_on_http1(
+    gateway: Any, certs: tuple[Path, Path]
+) -> None:
+    cfg = _config(certs)
+    cfg["server"]["shutdown_grace"] = 0.5  # shorter than the slow stream (12 events, 150 ms apart)
+    gw = gateway(cfg)
+
+    async def go() -> bytes:
+        async with connect("127.0.0.1", gw.port, client_configuration(cafile=str(certs[0]))) as c:
+            sid = c.send("POST", "/v1/chat/completions", JSON, _chat(True, "slow"))
+            body = b""
+            async for _head, chunk in c.events(sid):
+                if chunk is not None:
+                    if not body:
+                        gw.signal(signal.SIGTERM)
+                    body += chunk
+            return body
+
+    events = [e for e in _run(go()).decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    assert orjson.loads(events[-2].removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert gw.proc is not None
+    assert gw.proc.wait(15) == 0
+    assert '"protocol":"h3"' in gw.logs() and '"error_code":"shutting_down"' in gw.logs()
 
 
 def test_certificates_reload_when_the_files_change(gateway: Any, tmp_path: Path) -> None:
