@@ -301,6 +301,23 @@ def test_malformed_and_oversize_requests_get_the_same_errors_as_on_http1(
     assert _metric(gw, "hapax_http_protocol_errors_total") == 1
 
 
+def test_a_body_slower_than_the_body_timeout_gets_408_as_on_http1(gateway: Any, certs: tuple[Path, Path]) -> None:
+    cfg = _config(certs)
+    cfg["server"]["body_timeout"] = 0.5
+    gw = gateway(cfg)
+
+    async def slow() -> H3Response:
+        async with connect("127.0.0.1", gw.port, client_configuration(cafile=str(certs[0]))) as c:
+            sid = c.open("POST", "/v1/chat/completions", [*JSON, ("content-length", "100")])
+            c.write(sid, b'{"model":')  # and nothing more
+            return await c.response(sid)
+
+    r = _run(slow())
+    assert r.status == 408
+    assert orjson.loads(r.body)["error"]["code"] == "request_timeout"
+    assert _metric(gw, 'hapax_connections_closed_total{reason="body_timeout"}') == 1
+
+
 def test_sigterm_lets_an_http3_stream_in_flight_finish(gateway: Any, certs: tuple[Path, Path]) -> None:
     cfg = _config(certs)
     cfg["server"].update(drain_delay=0.3, shutdown_grace=10)
