@@ -7,6 +7,7 @@ the same node answers over HTTP/1.1.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import socket
@@ -461,3 +462,27 @@ def test_with_two_workers_a_migrating_client_keeps_its_stream(
         assert body.endswith(b"data: [DONE]\n\n")
     assert _metric(gw, "hapax_http3_migrations_total") == 6
 
+
+
+def test_a_restarted_worker_serves_on_the_same_steered_socket(
+    gateway: Any, certs: tuple[Path, Path], redis_url: str, udp_port: int
+) -> None:
+    """The supervisor keeps the UDP sockets: a worker killed and started again takes over its
+    own, so the group keeps its order and steering by connection id still holds."""
+    gw = gateway(_config(certs, port=udp_port), workers=2, redis=redis_url)
+    old = gw.wait_workers(2)
+    os.kill(old[1], signal.SIGKILL)
+    gw.wait_workers(2, exclude=[old[1]])
+
+    async def after() -> tuple[set[str], list[tuple[bytes, int, int]]]:
+        seen: set[str] = set()
+        for _ in range(12):
+            r = await _h3(udp_port, certs[0], "GET", "/v1/models", "r")
+            assert r.status == 200
+            seen.add(r.headers["x-hapax-worker"])
+        return seen, await asyncio.gather(*(_migrate(udp_port, certs[0]) for _ in range(4)))
+
+    seen, moved = _run(after())
+    assert seen == {"0", "1"}
+    for body, _, _ in moved:
+        assert _text(body) == REPLY
