@@ -48,6 +48,8 @@ import grpc
 from aetcd import rpc
 from aetcd.utils import prefix_range_end
 
+from ._cancel import raise_if_cancelling
+
 log = logging.getLogger("hapax.coordinator")
 
 #: Seconds before the first reconnect, doubled per failure up to ``BACKOFF_MAX``.
@@ -123,11 +125,13 @@ class PrefixWatch:
     async def _run(self) -> None:
         delay = BACKOFF_MIN
         while True:
+            raise_if_cancelling()
             try:
                 await self._stream()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                raise_if_cancelling(exc)
                 if self.connected:
                     log.warning("etcd watch broken; resuming from the last revision", extra={"fields": {
                         "prefix": self.prefix.decode(errors="replace"), "revision": self.revision,

@@ -355,6 +355,15 @@ class GatewayMetrics:
         self.config_revision = r.add(Gauge(
             "hapax_config_revision",
             "Revision of the config snapshot in force, as its source numbers it; bumps once per applied change.",
+            merge="min",  # across workers: the one that lags (a sum of revisions means nothing)
+        ))
+        # Cluster mode (coordinator, node.cluster): series only on a node started with --etcd.
+        self.cluster_leader = r.add(Gauge(
+            "hapax_cluster_leader", "1 while this node (any of its workers) is the cluster leader.", merge="max",
+        ))
+        self.cluster_nodes = r.add(Gauge(
+            "hapax_cluster_nodes", "Members of the cluster (nodes, or workers of nodes) this node sees.",
+            merge="max",
         ))
         # Access control (hapax.access): team labels come from config and keys, never from requests.
         self.auth_failures = r.add(Counter(

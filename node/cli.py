@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from hapax import ConfigError, HapaxError, __version__, config_schema, default_config, load_config
 from hapax.config import ClusterConfig, Config, StateConfig, config_findings, config_from_bytes
 
-from . import access_cli, config_cli, logs, reload_cli
+from . import access_cli, cluster_cli, config_cli, logs, reload_cli
 from .workers import Supervisor, WorkerIdentity, check_shared_state, parse_workers, resolve_workers, stop_timeout
 
 
@@ -50,10 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     csub.add_parser("schema", help="print the config's JSON Schema")
     config_cli.add_parsers(csub)  # push, get, diff, history, rollback: the cluster's config in etcd
     access_cli.add_parsers(sub)
-    # etcdkeys: ``hapax cluster reload``. LEAD: the cluster helper's ``hapax cluster status`` joins
-    # these subcommands (one "cluster" parser for both).
     cl = sub.add_parser("cluster", help="cluster tools (etcd)")
     clsub = cl.add_subparsers(dest="cluster_command", required=True)
+    cluster_cli.add_parser(clsub)  # status
     reload_cli.add_parser(clsub)
     ce = sub.add_parser("certs", help="TLS certificates for the HTTP/3 door")
     cesub = ce.add_subparsers(dest="certs_command", required=True)
@@ -103,8 +102,8 @@ def _problem_lines(exc: ConfigError) -> list[str]:
 def _run(args: argparse.Namespace) -> int:
     if args.command in ("keys", "audit", "usage"):
         return access_cli.run(args)
-    if args.command == "cluster" and args.cluster_command == "reload":
-        return reload_cli.run(args)
+    if args.command == "cluster":
+        return reload_cli.run(args) if args.cluster_command == "reload" else cluster_cli.run(args)
     if args.command == "certs":
         from .certs import DEV_NAMES, write_dev_pair
 

@@ -54,6 +54,7 @@ from hapax.routing import Dispatcher
 from hapax.state import AccessState, FailoverState, MemoryState, RedisState
 
 from . import limits, logs, peers
+from .cluster import ClusterMember
 from .config_watch import FileConfigSource
 from .peers import PeerServer
 from .protocol import SERVER_HEADER, GuardedHandler, Listener
@@ -253,6 +254,11 @@ class Node:
         self.config = config
         self.config_path = config_path
         self.identity = identity or WorkerIdentity()
+        #: With cluster.etcd.endpoints: membership, election, and the config from etcd (node.cluster).
+        self.cluster: ClusterMember | None = None
+        if source is None and config.cluster.etcd.endpoints:
+            self.cluster = ClusterMember(config, identity=self.identity, prepare=prepare)
+            source = self.cluster.source
         if source is None and config_path is not None:
             source = FileConfigSource(
                 config_path, config, prepare=prepare,
@@ -262,10 +268,10 @@ class Node:
         if source is not None:
             config = self.config = source.current.config  # what the node starts on is the source's
         state = build_state(config)
-        # etcdkeys: the node's etcd client. LEAD: once the cluster Coordinator is on main, take
-        # ``coordinator.client`` from it here instead of connecting a second client.
+        # The node's one etcd client: the Coordinator's (keys, reloads and config share it).
         self.etcd: aetcd.Client | None = (
-            coordinator.connect(config.cluster.etcd) if config.cluster.etcd.endpoints else None
+            self.cluster.coordinator.client if self.cluster is not None
+            else coordinator.connect(config.cluster.etcd) if config.cluster.etcd.endpoints else None
         )
         keys, usage = shared_stores(
             config, etcd=self.etcd, redis=state.shared.client if isinstance(state, FailoverState) else None
@@ -308,6 +314,8 @@ class Node:
             degraded.set("redis", to=0)
             state.on_change = lambda down: degraded.set("redis", to=1 if down else 0)
         logs.WRITER.on_drop = self.gateway.metrics.log_lines_dropped.inc
+        if self.cluster is not None:
+            self.cluster.attach(self.gateway)
         self._stop = asyncio.Event()
         self._runner: web.ServerRunner | None = None
         ident = self.identity
@@ -352,6 +360,8 @@ class Node:
         await self.gateway.access.state.start()
         if self.shared is not None:
             await self.shared.start()
+        if self.cluster is not None:
+            await self.cluster.start(self._apply)  # bounded: a node without etcd serves its file
         await self._runner.setup()
         site = web.TCPSite(self._runner, srv.host, srv.port, reuse_port=True, backlog=srv.listen_backlog)
         await site.start()
@@ -439,6 +449,8 @@ class Node:
         started = time.monotonic()
         log.info("draining", extra={"fields": {"in_flight": self.gateway.in_flight, "grace_s": grace}})
         self.gateway.draining = True
+        if self.cluster is not None:
+            await self.cluster.resign()  # leadership and the member record go now, not at lease expiry
         assert self._runner is not None
         delay = self.gateway.runtime.config.server.drain_delay
         if delay:
@@ -472,7 +484,7 @@ class Node:
         await self.gateway.aclose()
         if self.etcd is not None:  # after the key store's watch closed with the gateway
             with contextlib.suppress(Exception):
-                await self.etcd.close()
+                await asyncio.wait_for(self.etcd.close(), self.config.cluster.etcd.timeout)
         log.info("stopped", extra={"fields": {"abandoned_requests": left}})
 
     async def _watch_fds(self) -> None:
@@ -536,6 +548,8 @@ class Node:
         if self.h3 is not None:
             self.h3.reload()
             self.front.advertise(self.h3.alt_svc())
+        if self.cluster is not None:
+            self.cluster.applied(rt.revision)
         m.config_reloads.inc("success")
         log.info("config reloaded", extra={"fields": {
             "revision": rt.revision, "generation": rt.generation, "source": event.source, "digest": event.digest,

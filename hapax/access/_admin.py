@@ -19,7 +19,7 @@ lacks the permission), and every change is audited with its own event.
 
 ``{id}`` is a key's id or its name (unique among active keys; 409 when it is not).
     GET    /admin/config                 manage_config the config in force, secrets redacted
-    GET    /admin/cluster                view_cluster  this node (the cluster issue adds the rest)
+    GET    /admin/cluster                view_cluster  members, leader, revisions (this node alone without etcd)
 """
 
 from __future__ import annotations
@@ -366,6 +366,8 @@ def _redact_url(url: str) -> str:
 
 
 async def cluster(ac: AccessControl, req: Request, ex: Exchange, who: Principal, _: str) -> Response:
+    if ac.cluster_view is not None:  # a cluster member: the cluster as it sees it (memory, not etcd)
+        return _json(200, ac.cluster_view())
     return _json(200, {"nodes": [{
         "id": ac.node_id, "started_at": iso_utc(ac.started_at), "auth_mode": ac.config.auth.mode,
         "state": "redis" if ac.shared_usage is not None else "memory" if ac.state_dir is None else "local",

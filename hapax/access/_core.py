@@ -88,6 +88,8 @@ class AccessCore:
         self._flush_handle: asyncio.TimerHandle | None = None
         self.started_at = self._now()
         self.node_id = f"{socket.gethostname()}:{os.getpid()}"
+        #: Set by a node in a cluster: ``GET /admin/cluster`` answers with what it returns.
+        self.cluster_view: Callable[[], dict[str, Any]] | None = None
         #: Reject allowlists naming models the config lacks (off for the CLI without --config).
         self.check_models = True
         self._configure(cfg)

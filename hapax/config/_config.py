@@ -330,6 +330,15 @@ class ClusterConfig(_Model):
     """
 
     etcd: EtcdConfig = Field(default_factory=EtcdConfig)
+    #: This node's name among the cluster's members; by default ``<hostname>-<port>`` (and
+    #: ``-w<N>`` for worker N of several), which stays the same across a restart.
+    node_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    #: ``host:port`` where peers and operators reach this node (``hapax cluster status`` lists
+    #: it); by default ``server.host`` (the host name when that is a wildcard) and ``server.port``.
+    advertise_address: str | None = None
+    #: The node's etcd lease: a dead node's record and leadership vanish this long after its last
+    #: keep-alive, so a killed leader is replaced within it (plus etcd's expiry check, <= 0.5 s).
+    lease_ttl: int = Field(5, ge=2, le=300, description="seconds")
 
 
 class LoggingConfig(_Model):

@@ -138,13 +138,17 @@ class Dispatcher(HealthReport):
         self._generation = 0
         self._strategies: dict[str, Strategy] = {}
         self._prober: Prober | None = None
+        #: In a cluster (node.cluster): probe only while this is true (the leader), and tell the
+        #: verdict after every probe, not only on a change, so a node that joins later learns it.
+        self.probe_gate: Callable[[], bool] | None = None
+        self.retell_probes = False
         m.registry.on_collect(self._collect)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self, runtime: Callable[[], Runtime]) -> None:
         """Start active health probes; they follow whatever runtime is current."""
-        self._prober = Prober(self.health, runtime, self._on_probe, clock=self._clock)
+        self._prober = Prober(self.health, runtime, self._on_probe, clock=self._clock, active=self.probe_gate)
         self._prober.start()
 
     async def aclose(self) -> None:

@@ -47,6 +47,8 @@ log = logging.getLogger("hapax.health")
 
 #: The prober wakes at least this often, so a reload that enables probes takes effect.
 PROBER_MAX_SLEEP = 1.0
+#: How often a prober that is not to probe (a cluster follower) checks whether it now is.
+PROBER_IDLE_CHECK = 0.05
 
 
 class ProbeStatus(Enum):
@@ -218,11 +220,14 @@ class Prober:
         report: ProbeReport,
         *,
         clock: Callable[[], float] = time.monotonic,
+        active: Callable[[], bool] | None = None,
     ) -> None:
+        """``active`` gates the probes: in a cluster only the leader probes (``node.cluster``)."""
         self._store = store
         self._runtime = runtime
         self._report = report
         self._clock = clock
+        self._active = active
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -238,6 +243,9 @@ class Prober:
 
     async def _run(self) -> None:
         while True:
+            if self._active is not None and not self._active():
+                await asyncio.sleep(PROBER_IDLE_CHECK)  # a follower: look again soon, leadership moves
+                continue
             now = self._clock()
             rt = self._runtime()
             due = [

@@ -22,6 +22,7 @@ class HealthReport(Routes):
 
     # Set by ``Dispatcher.__init__``.
     news: HealthNewsBus
+    retell_probes: bool
 
     def _flush(self, h: DeploymentHealth) -> None:
         for t in h.breaker.take_events():
@@ -42,6 +43,8 @@ class HealthReport(Routes):
             return
         new = ph.tracker.record(ok, now=now, error=error)
         if new is None:
+            if self.retell_probes and ph.tracker.status is not ProbeStatus.UNKNOWN:
+                self.news.tell(HealthNews("probe", provider, status=ph.tracker.status.value))
             return
         log.log(logging.WARNING if new is ProbeStatus.UNHEALTHY else logging.INFO,
                 "provider " + new.value, extra={"fields": {"provider": provider, "error": error}})
