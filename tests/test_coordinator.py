@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aetcd
 import pytest
@@ -22,17 +22,9 @@ from coordinator import Coordinator, EtcdConfigSource, config_key, leader_key, n
 from coordinator._keys import NodeRecord
 from hapax.config import Config, ConfigRejected, ConfigSnapshot, EtcdConfig, config_from_bytes
 from tests.etcd_server import EtcdServer
-from tests.test_etcd_watch import Proxy
+from tests.test_etcd_watch import Proxy, until
 
 TTL = 2
-
-
-async def until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def _etcd(port: int) -> EtcdConfig:
