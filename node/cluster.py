@@ -72,6 +72,7 @@ class ClusterMember:
         gateway.access.cluster_view = self.view
         # Leader duties: only the leader probes, and its verdicts reach the others through Redis.
         gateway.dispatcher.probe_gate = lambda: c.is_leader
+        c.on_leadership.append(lambda leader: gateway.dispatcher.wake_prober() if leader else None)
         gateway.dispatcher.retell_probes = True
         m.cluster_leader.set(to=0)
         m.cluster_nodes.set(to=0)

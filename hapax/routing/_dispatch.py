@@ -151,6 +151,11 @@ class Dispatcher(HealthReport):
         self._prober = Prober(self.health, runtime, self._on_probe, clock=self._clock, active=self.probe_gate)
         self._prober.start()
 
+    def wake_prober(self) -> None:
+        """The probe gate may have opened (this node now leads): probe at once."""
+        if self._prober is not None:
+            self._prober.wake()
+
     async def aclose(self) -> None:
         if self._prober is not None:
             await self._prober.stop()

@@ -47,8 +47,6 @@ log = logging.getLogger("hapax.health")
 
 #: The prober wakes at least this often, so a reload that enables probes takes effect.
 PROBER_MAX_SLEEP = 1.0
-#: How often a prober that is not to probe (a cluster follower) checks whether it now is.
-PROBER_IDLE_CHECK = 0.05
 
 
 class ProbeStatus(Enum):
@@ -228,11 +226,17 @@ class Prober:
         self._report = report
         self._clock = clock
         self._active = active
+        # Set by ``wake`` when the gate may have opened (leadership came): a follower sleeps on it.
+        self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="hapax-prober")
+
+    def wake(self) -> None:
+        """Look at the gate now (a follower just became the leader), not at the next check."""
+        self._woken.set()
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -244,7 +248,11 @@ class Prober:
     async def _run(self) -> None:
         while True:
             if self._active is not None and not self._active():
-                await asyncio.sleep(PROBER_IDLE_CHECK)  # a follower: look again soon, leadership moves
+                # A follower: sleep until woken by a change of leadership; the bounded wait is a
+                # safety net for a gate that opens without a wake.
+                self._woken.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), PROBER_MAX_SLEEP)
                 continue
             now = self._clock()
             rt = self._runtime()
