@@ -15,7 +15,7 @@ from ._errors import (
 )
 from ._exchange import Exchange
 from ._http import Request, Response
-from ._metrics import Exposition, GatewayMetrics
+from ._metrics import Exposition, GatewayMetrics, freeze_gc
 from ._pipeline import Gateway
 from ._transport import (
     ConnectError,
@@ -65,6 +65,7 @@ __all__ = [
     "__version__",
     "config_schema",
     "default_config",
+    "freeze_gc",
     "load_config",
     "parse_config",
 ]

@@ -606,6 +606,29 @@ def _gc() -> _GCPauses:
 FamilyData = list[Any]
 
 
+_frozen_objects: int | None = None
+
+
+def freeze_gc() -> None:
+    """``gc.freeze()``, remembering the count for ``python_gc_frozen_objects``.
+
+    ``gc.get_freeze_count()`` walks every frozen object (most of a node's heap): measured at
+    ~20 ms on a node with 2,000 streams open, a stall of every stream on each scrape. The count
+    only changes when something freezes, so it is taken here, once.
+    """
+    global _frozen_objects
+    gc.freeze()
+    _frozen_objects = gc.get_freeze_count()
+
+
+def frozen_objects() -> int:
+    """Objects out of the collector's reach (as of the last ``freeze_gc``)."""
+    global _frozen_objects
+    if _frozen_objects is None:  # a process that never froze through freeze_gc: look once
+        _frozen_objects = gc.get_freeze_count()
+    return _frozen_objects
+
+
 class ProcessMetrics:
     """The library's ``process_*``, ``python_gc_*`` and ``python_info`` series, plus two of
     Hapax's own (``python_gc_pause_seconds``, ``python_gc_frozen_objects``); read at scrape time."""
@@ -627,7 +650,7 @@ class ProcessMetrics:
         r.on_collect(self._refresh)
 
     def _refresh(self) -> None:
-        self.gc_frozen.set(to=gc.get_freeze_count())
+        self.gc_frozen.set(to=frozen_objects())
         for g, label in enumerate(("0", "1", "2")):
             pauses, self._gc.pauses[g] = self._gc.pauses[g], []
             for p in pauses:

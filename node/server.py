@@ -39,6 +39,7 @@ from hapax import (
     Request,
     RequestTimeout,
     ShuttingDown,
+    freeze_gc,
 )
 from hapax.access import AccessControl, KeyStore, RedisKeyStore, RedisUsage
 from hapax.config import (
@@ -644,7 +645,7 @@ def tune_gc() -> None:
     """Freeze what start-up built (modules, config, schemas: never garbage, and most of the
     heap) so no collection walks it again, then set ``GC_THRESHOLDS``."""
     gc.collect()
-    gc.freeze()
+    freeze_gc()
     gc.set_threshold(*GC_THRESHOLDS)
 
 
