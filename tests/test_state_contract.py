@@ -356,6 +356,20 @@ async def test_redis_loses_its_scripts_and_the_backend_loads_them_again(redis_en
     grant(await st.reserve(Ask((key(RateLimits(requests_per_minute=5)),))))
 
 
+async def test_a_kept_connection_redis_closed_while_idle_is_replaced_before_the_next_write(
+    redis_env: Env,
+) -> None:
+    # What a Redis restart or its idle timeout does: the next reservation still succeeds,
+    # on a new connection, without resending a batch Redis may have run.
+    st = await redis_env.make()
+    assert isinstance(st, RedisState)
+    ask = Ask((key(RateLimits(requests_per_minute=5)),))
+    grant(await st.reserve(ask))
+    assert await st.client.client_kill_filter(_type="normal", skipme=True) >= 1
+    await asyncio.sleep(0.05)  # the close reaches this process
+    grant(await st.reserve(ask))
+    assert st.batch.round_trips == 2
+
 
 async def test_a_settle_reaches_the_state_before_a_reservation_made_after_it(env: Env) -> None:
     # A client whose call just ended sends its next one at once: its own slot must be free,

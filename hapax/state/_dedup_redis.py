@@ -33,9 +33,10 @@ from typing import TypeVar
 import msgpack
 
 from ._background import Background
+from ._batch import RedisUnavailable
 from ._bus import Bus
 from ._dedup import Codec, InFlight, MemoryInFlight
-from ._script import RedisBreaker, RedisUnavailable, Script
+from ._script import RedisBreaker, Script
 
 log = logging.getLogger("hapax.state")
 

@@ -22,13 +22,10 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from ._base import StateUnavailable
+from ._batch import RedisUnavailable
 from ._failover import FailoverState
 
 log = logging.getLogger("hapax.state")
-
-
-class RedisUnavailable(StateUnavailable):
-    """Redis did not answer in time, or refused; shared routing state falls back to local."""
 
 
 class Script:
