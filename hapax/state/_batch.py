@@ -9,10 +9,16 @@ round trip, on one kept connection. While a batch is on the wire the next one
 gathers; it leaves the moment the first returns, so batches grow with load and an
 idle node pays one round trip.
 
+The kept connection is redis-py's (from the client's pool, connected and
+authenticated by it), but once held its transport is read by ``_Wire``, a
+protocol that feeds a hiredis reader and hands the batch its replies from the
+loop's own callback: no task, stream reader or timeout context per round trip,
+which at one request in flight were most of a round trip's CPU.
+
 Scripts are loaded once (``SCRIPT LOAD``) and called by SHA; a ``NOSCRIPT`` reply
 (a restarted or flushed Redis) loads them again and resends that batch once.
-Every round trip is bounded by ``timeout``; past it, or on any connection error,
-every operation of the batch fails with ``RedisUnavailable``.
+Every round trip is bounded by ``timeout``; past it, or on any connection error
+or error reply, every operation of the batch fails with ``RedisUnavailable``.
 """
 
 from __future__ import annotations
@@ -20,24 +26,101 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
+import hiredis
 import msgpack
-from redis._parsers.base import AsyncBaseParser
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import InvalidResponse, NoScriptError, RedisError
 
 from ._base import StateUnavailable
 
 _Op: TypeAlias = tuple[Any, "asyncio.Future[Any]", Callable[[BaseException], None] | None]
-
-# Past this many bytes waiting in the socket's buffer, a write waits for it to drain.
-_DRAIN_ABOVE = 1 << 20
+_Batch: TypeAlias = list[list[_Op]]
 
 
 class RedisUnavailable(StateUnavailable):
     """Redis did not answer in time, or refused; shared routing state falls back to local."""
+
+
+def _unavailable(exc: BaseException) -> RedisUnavailable:
+    if isinstance(exc, RedisUnavailable):
+        return exc
+    return RedisUnavailable(f"redis: {type(exc).__name__}: {exc}" if str(exc) else f"redis: {type(exc).__name__}")
+
+
+class _Wire(asyncio.Protocol):
+    """A held connection's transport: writes of whole batches, their replies parsed as they arrive.
+
+    One batch at a time is on the wire; ``on_replies`` gets its ``n`` replies (an
+    error reply as its exception object, so the stream stays in step), ``on_lost``
+    the reason the connection ended. Connection events are passed on to the
+    protocol redis-py set up, so its connection object closes cleanly afterwards.
+    """
+
+    def __init__(
+        self, conn: AbstractConnection, on_replies: Callable[[list[Any]], None],
+        on_lost: Callable[[BaseException], None],
+    ) -> None:
+        writer = conn._writer
+        assert writer is not None
+        self.conn = conn
+        self.transport = writer.transport
+        self._prior = self.transport.get_protocol()
+        self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+        self._want = 0
+        self._replies: list[Any] = []
+        self._on_replies = on_replies
+        self._on_lost = on_lost
+        self.lost = False
+        self.transport.set_protocol(self)
+
+    @property
+    def usable(self) -> bool:
+        return not self.lost and not self.transport.is_closing()
+
+    def send(self, chunks: list[bytes], n: int) -> None:
+        self._want, self._replies = n, []
+        self.transport.writelines(chunks)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while True:
+            try:
+                r = self._reader.gets(False)
+            except InvalidResponse as exc:  # the stream cannot be trusted after this
+                self._fail(exc)
+                return
+            if r is False:
+                return
+            if not self._want:  # nothing asked for it: out of step
+                self._fail(InvalidResponse("redis: a reply nobody asked for"))
+                return
+            self._replies.append(r)
+            if len(self._replies) == self._want:
+                replies, self._want, self._replies = self._replies, 0, []
+                self._on_replies(replies)
+
+    def eof_received(self) -> bool:
+        self._fail(ConnectionError("redis closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionError("redis connection lost"))
+        self._prior.connection_lost(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self.transport.close()
+        self._on_lost(exc)
+
+    def close(self) -> None:
+        self.lost = True
+        self.transport.close()
 
 
 class Batcher:
@@ -47,11 +130,18 @@ class Batcher:
         self._sources: list[bytes] = []
         # Per script, the RESP of ``EVALSHA <sha> 0`` up to its one argument.
         self._heads: list[bytes] = []
-        self._pending: list[list[_Op]] = []
+        self._pending: _Batch = []
         self._scheduled = False
         self._sending = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._conn: AbstractConnection | None = None
+        self._wire: _Wire | None = None
+        # The batch on the wire, what was written for it, whether its scripts were reloaded, its deadline.
+        self._batch: _Batch = []
+        self._chunks: list[bytes] = []
+        self._count = 0
+        self._reloaded = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._quiet: asyncio.Future[None] | None = None
         #: Round trips and operations sent, for the benchmark's figures.
         self.round_trips = 0
         self.operations = 0
@@ -88,6 +178,8 @@ class Batcher:
             loop.call_soon(self._flush)
         return fut
 
+    # -- one round trip ----------------------------------------------------------------------
+
     def _flush(self) -> None:
         self._scheduled = False
         if self._sending or not any(self._pending):
@@ -95,39 +187,7 @@ class Batcher:
         batch = self._pending
         self._pending = [[] for _ in batch]
         self._sending = True
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send(self, batch: list[list[_Op]]) -> None:
-        try:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    replies = await self._round_trip(batch)
-            except (RedisError, OSError, TimeoutError) as exc:
-                err = RedisUnavailable(f"redis: {type(exc).__name__}: {exc}" if str(exc) else
-                                       f"redis: {type(exc).__name__}")
-                for ops in batch:
-                    for _, fut, on_error in ops:
-                        if fut.done():
-                            continue
-                        if on_error is None:
-                            fut.set_exception(err)
-                        else:
-                            on_error(err)
-                            fut.set_result(None)
-                return
-            for ops, reply in zip((o for o in batch if o), replies, strict=True):
-                results = msgpack.unpackb(reply, use_list=True, raw=False)
-                for (_, fut, _), res in zip(ops, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(res)
-        finally:
-            self._sending = False
-            if any(self._pending):
-                self._flush()
-
-    async def _round_trip(self, batch: list[list[_Op]]) -> list[bytes]:
+        self._batch, self._reloaded = batch, False
         # Lua's cmsgpack knows no bin type: bytes (a dedup result) go as raw strings, as Lua
         # holds them; str packs the same either way.
         chunks: list[bytes] = []
@@ -138,56 +198,123 @@ class Batcher:
                 chunks += (self._heads[i], b"$%d\r\n" % len(packed), packed, b"\r\n")
                 n += 1
                 self.operations += len(ops)
+        self._chunks, self._count = chunks, n
         self.round_trips += 1
-        replies = await self._exchange(chunks, n)
-        if any(isinstance(r, NoScriptError) for r in replies):
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + self._timeout, self._expired)
+        wire = self._wire
+        if wire is not None and wire.usable:
+            wire.send(chunks, n)
+        else:
+            # Redis may have closed the kept connection while it was idle: a new one before
+            # the write, never a resend after it (a batch Redis ran must not run twice).
+            self._spawn(self._connect_and_send())
+
+    async def _connect_and_send(self) -> None:
+        batch = self._batch
+        try:
+            self._drop()
+            conn: AbstractConnection = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        except (RedisError, OSError) as exc:
+            self._fail(batch, exc)
+            return
+        if self._batch is not batch or not self._sending:  # timed out meanwhile
+            await self._client.connection_pool.release(conn)
+            return
+        self._wire = _Wire(conn, self._on_replies, self._on_lost)
+        self._wire.send(self._chunks, self._count)
+
+    def _on_replies(self, replies: list[Any]) -> None:
+        if any(isinstance(r, NoScriptError) for r in replies) and not self._reloaded:
             # Redis lost its script cache (restart, SCRIPT FLUSH): load and send again, once.
-            for src in self._sources:
-                await self._client.script_load(src)
-            replies = await self._exchange(chunks, n)
+            self._reloaded = True
+            self._spawn(self._reload_and_send())
+            return
+        batch = self._batch
         for r in replies:
             if isinstance(r, BaseException):
-                raise r
-        return replies
+                self._fail(batch, r, drop=False)  # an error reply: the stream is still in step
+                return
+        self._end()
+        for ops, reply in zip((o for o in batch if o), replies, strict=True):
+            results = msgpack.unpackb(reply, use_list=True, raw=False)
+            for (_, fut, _), res in zip(ops, results, strict=True):
+                if not fut.done():
+                    fut.set_result(res)
+        self._next()
 
-    async def _exchange(self, chunks: list[bytes], n: int) -> list[Any]:
-        """One write of ``n`` commands, then their ``n`` replies, on a connection kept for it.
-
-        On the connection's own stream writer and reply parser rather than through
-        ``send_packed_command``/``read_response``: those wrap each write in
-        ``asyncio.wait_for`` (a task per write) and each read in a timeout and error
-        bookkeeping, which at one request in flight is most of a round trip's CPU. The
-        caller's ``asyncio.timeout`` bounds the whole exchange; error replies come back
-        as exception objects, so the stream stays in step.
-        """
-        conn = self._conn
-        if conn is None or not _usable(conn):
-            conn = await self._reconnect()
+    async def _reload_and_send(self) -> None:
+        batch = self._batch
         try:
-            writer = conn._writer
-            assert writer is not None
-            writer.writelines(chunks)
-            if writer.transport.get_write_buffer_size() > _DRAIN_ABOVE:
-                await writer.drain()
-            parser = cast(AsyncBaseParser, conn._parser)  # typed as the sync base; async on an async connection
-            return [await parser.read_response(disable_decoding=True) for _ in range(n)]
-        except BaseException:
-            # A timeout, a reset, a cancel: the stream is out of step; never reuse it.
-            await self._drop()
-            raise
+            for src in self._sources:
+                await self._client.script_load(src)
+        except (RedisError, OSError) as exc:
+            self._fail(batch, exc)
+            return
+        wire = self._wire
+        if self._batch is not batch or not self._sending:  # timed out meanwhile
+            return
+        if wire is None or not wire.usable:
+            self._fail(batch, ConnectionError("redis connection lost"))
+            return
+        wire.send(self._chunks, self._count)
 
-    async def _reconnect(self) -> AbstractConnection:
-        await self._drop()
-        # The pool hands out a connected connection, checked for stale data.
-        conn: AbstractConnection = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        self._conn = conn
-        return conn
+    def _on_lost(self, exc: BaseException) -> None:
+        if self._sending:
+            self._fail(self._batch, exc)
 
-    async def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
+    def _expired(self) -> None:
+        self._timer = None
+        self._fail(self._batch, TimeoutError())
+
+    def _fail(self, batch: _Batch, exc: BaseException, *, drop: bool = True) -> None:
+        if batch is not self._batch or not self._sending:
+            return
+        if drop:
+            self._drop()  # a timeout, a reset: the stream is out of step; never reuse it
+        self._end()
+        err = _unavailable(exc)
+        for ops in batch:
+            for _, fut, on_error in ops:
+                if fut.done():
+                    continue
+                if on_error is None:
+                    fut.set_exception(err)
+                else:
+                    on_error(err)
+                    fut.set_result(None)
+        self._next()
+
+    def _end(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._batch, self._chunks, self._sending = [], [], False
+
+    def _next(self) -> None:
+        if any(self._pending):
+            self._flush()
+        elif self._quiet is not None and not self._quiet.done():
+            self._quiet.set_result(None)
+
+    def _drop(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
+            self._spawn(self._give_back(wire.conn))
+
+    async def _give_back(self, conn: AbstractConnection) -> None:
+        try:
             await conn.disconnect()
+        finally:
             await self._client.connection_pool.release(conn)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- life --------------------------------------------------------------------------------
 
     async def load(self) -> None:
         """Load the scripts now, so the first requests do not pay for it."""
@@ -200,30 +327,17 @@ class Batcher:
         self._flush()
         try:
             async with asyncio.timeout(self._timeout * 4):
-                while self._tasks:
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                while self._sending or any(self._pending):
+                    self._quiet = asyncio.get_running_loop().create_future()
+                    await self._quiet
         except TimeoutError:
             pass
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def aclose(self) -> None:
-        """Send what is queued (settlements of the last calls), then give the connection back."""
+        """Send what is queued (settlements of the last calls), then close the kept connection."""
         await self.drain()
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await self._client.connection_pool.release(conn)
-
-
-def _usable(conn: AbstractConnection) -> bool:
-    """Whether a kept connection can take a write: Redis may have closed it while it was idle.
-
-    Checked before writing, never by resending after: a batch Redis may have run
-    (a reservation) must not run twice.
-    """
-    reader, writer = conn._reader, conn._writer
-    if reader is None or writer is None or writer.transport.is_closing():
-        return False
-    return not (reader.at_eof() or reader.exception() is not None)
-
+        self._drop()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
