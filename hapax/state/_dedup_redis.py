@@ -167,14 +167,9 @@ class RedisInFlight(InFlight):
             return result
         finally:
             self._leading.discard(key)
-            # Committed here, awaited by nobody: followers must hear even if our client left.
-            self._background.spawn(self._finish(key, blob))
-
-    async def _finish(self, key: str, blob: bytes | None) -> None:
-        try:
-            await self.script.call([_FINISH, self.prefix, self.node, key, blob])
-        except RedisUnavailable as exc:
-            self.breaker.failed(exc)  # followers time out and call themselves; the lease expires
+            # Queued here, synchronously, awaited by nobody: followers must hear even if our
+            # client left. If it fails, followers time out and call themselves; the lease expires.
+            self.script.call([_FINISH, self.prefix, self.node, key, blob], on_error=self.breaker.failed)
 
     def _on_result(self, data: bytes) -> None:
         # raw: the result is bytes, which Lua hands on as a string of any bytes.
@@ -205,3 +200,4 @@ class RedisInFlight(InFlight):
 
     async def aclose(self) -> None:
         await self._background.aclose()
+        await self.script.aclose()  # what the last leaders queued still reaches the followers

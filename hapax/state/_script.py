@@ -61,9 +61,15 @@ class Script:
     def operations(self) -> int:
         return self.batch.operations
 
-    def call(self, op: list[Any]) -> asyncio.Future[Any]:
-        """Queue ``op``; the future gets its result, or ``RedisUnavailable``."""
-        return self.batch.submit(self._index, op)
+    def call(
+        self, op: list[Any], *, on_error: Callable[[BaseException], None] | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue ``op``; the future gets its result, or ``RedisUnavailable``.
+
+        Given ``on_error``, a failure goes to it and the future resolves to ``None``:
+        work fired from the request path that nobody awaits needs no task of its own.
+        """
+        return self.batch.submit(self._index, op, on_error=on_error)
 
     async def load(self) -> None:
         try:
