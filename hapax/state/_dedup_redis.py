@@ -9,6 +9,12 @@ publishes the result, encoded by the caller's ``Codec``, on the channel of every
 process that joined as a follower (``…:dd:f:<key>``, a set of process ids), and
 drops the lease. If it loses, it joins the followers and waits for that message.
 
+The question "who leads?" can be asked ahead of ``run`` (``claim``): the
+pipeline asks it before awaiting the request's admission, so it shares that
+round trip to Redis, and ``run`` takes the answer. A claim ``run`` never used (a
+refused request) is given up as soon as its answer is in: a lead it took is
+released at once (``FINISH`` with no result), so nobody waits out its lease.
+
 A follower never waits on a dead leader for long: its wait is bounded by one
 lease, after which it asks again; a leader that died (SIGKILL) stopped renewing,
 its lease is gone, and the follower leads and makes the call itself. A leader
