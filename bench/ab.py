@@ -35,7 +35,7 @@ import yaml
 
 from . import streams, wrk
 from .procs import ROOT, Proc, free_port, system_busy_seconds
-from .run import _hapax_config, _sanity
+from .run import BENCH_LIMITS, _hapax_config, _sanity
 
 SKIP = 125  # git bisect run: this commit cannot be tested
 
@@ -80,6 +80,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gateway-cpus", default="1")
     p.add_argument("--load-cpus", default="0")
     p.add_argument("--no-pin", action="store_true")
+    p.add_argument("--state", choices=("memory", "redis"),
+                   help="give both nodes the benchmark's never-refusing global limits, kept in memory or in a "
+                   "redis-server started on the load CPUs (a cluster per node); unset: no limits")
+    p.add_argument("--dedup", choices=("on", "off"), default="on", help="reliability.dedup.enabled, both nodes (on)")
     p.add_argument("--fail-above", type=float, help="exit 1 if after's CPU/req is > PCT %% above before's")
     return p.parse_args(argv)
 
@@ -193,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
                                "--chunks", str(a.chunks), *up_extra], tmp, cpus=load, env=env)
         procs.append(up)
         up.wait_port(up_port)
+        redis_url = None
+        if a.state == "redis":
+            rport = free_port()
+            rs = Proc("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", str(tmp)], tmp, cpus=load, env=env)
+            procs.append(rs)
+            rs.wait_port(rport)
+            redis_url = f"redis://127.0.0.1:{rport}/0"
         if a.proxy:
             port = free_port()
             proxy = Proc("proxy", [a.python, "-m", "bench.proxy", "--port", str(port),
@@ -204,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             cfg = tmp / f"{name}.yaml"
             pool = a.streams + 100 if slow else max(100, a.connections)
-            cfg.write_text(yaml.safe_dump(_hapax_config(port, up_port, pool,
-                                                        access_log=_log_on(a, name))))
+            c = _hapax_config(port, up_port, pool, access_log=_log_on(a, name))
+            if a.state is not None:
+                c["limits"] = BENCH_LIMITS
+            if redis_url is not None:
+                c["state"] = {"cluster": name, "redis": {"url": redis_url}}
+            if a.dedup == "off":
+                c["reliability"] = {"dedup": {"enabled": False}}
+            cfg.write_text(yaml.safe_dump(c))
             node = _start_node(name, tree, cfg, tmp, a.python, gw)
             procs.append(node)
             try:
@@ -217,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         if not slow:
             for s in sides:
                 _sanity(s.name, s.url, a.chunks)
-        print(f"{a.mode}, c={a.connections}, access log {a.access_log}, {a.rounds} rounds of "
+        print(f"{a.mode}, c={a.connections}, access log {a.access_log}, state {a.state or 'none'}, "
+              f"dedup {a.dedup}, {a.rounds} rounds of "
               f"{a.duration:g}s; before {a.before}, after {a.after}", flush=True)
         for r in range(a.rounds):
             # Alternate the order too, so neither side always runs right after the proxy.

@@ -140,6 +140,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "hapax, hapax-w2, ...; memory state). Above 1 nothing is pinned (the workers need every core) "
         "and each worker keeps its own state (HAPAX_BENCH_UNSHARED_WORKERS): the bench's limits never refuse",
     )
+    p.add_argument(
+        "--dedup",
+        choices=("on", "off"),
+        default="on",
+        help="reliability.dedup.enabled on every Hapax target: on (the default, as users run it) or off, "
+        "to tell what in-flight dedup's shared state costs apart from the access state's (on)",
+    )
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     return p.parse_args(argv)
 
@@ -364,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg["auth"] = auth
         if a.state is not None:
             cfg["limits"] = BENCH_LIMITS
+        if a.dedup == "off":
+            cfg["reliability"] = {"dedup": {"enabled": False}}
         if name == "hapax-redis":
             cfg["state"] = {"cluster": "bench", "redis": {"url": f"redis://127.0.0.1:{redis_port}/0"}}
         cfg_paths[name] = tmp / f"{name}.yaml"
@@ -457,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"duration {a.duration:g}s per target after {a.warmup:g}s warm-up; wrk -t{a.wrk_threads}; "
           f"stream = {a.chunks} chunks + usage + [DONE]; Hapax auth mode {a.auth}; "
           f"access log {a.access_log} (hapax-nolog: off); "
-          f"state {a.state or 'memory, no limits'} (hapax-redis: Redis on the load CPUs)")
+          f"state {a.state or 'memory, no limits'} (hapax-redis: Redis on the load CPUs); dedup {a.dedup}")
     print()
     print(render(rows))
     noisy = [r for r in rows if (r.foreign_pct() or 0) > 10]
@@ -484,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "duration_s": a.duration, "warmup_s": a.warmup, "connections": conns_list,
                 "wrk_threads": a.wrk_threads, "chunks": a.chunks, "modes": modes, "targets": targets,
-                "hapax_auth": a.auth, "access_log": logs, "state": a.state, "workers": worker_counts,
+                "hapax_auth": a.auth, "access_log": logs, "state": a.state, "dedup": a.dedup, "workers": worker_counts,
                 "pinning": {"gateway_and_proxy": gw_cpus, "upstream_and_wrk": load_cpus},
                 "request_bytes": {m: len(wrk.request_body(m == "stream")) for m in MODES},
             },

@@ -301,11 +301,21 @@ class Gateway(BuiltinRoutes):
             )
         ex.model = model.name
         ex.stream = bool(body.get("stream"))
-        admission = await self.access.admit(principal, model, body, ex, config=rt.config)
+        # Asked before admission is awaited, so the shared dedup's question and the reservation
+        # leave in one write to Redis; ended below whatever happens (a no-op once send used it).
+        claim = self.dispatcher.claim(rt, model, op, body, ex)
+        try:
+            admission = await self.access.admit(principal, model, body, ex, config=rt.config)
+        except BaseException:
+            self.dispatcher.unclaim(claim)
+            raise
         rt.acquire()
         settled = False
         try:
-            d = await self.dispatcher.send(rt, model, op, body, ex)
+            try:
+                d = await self.dispatcher.send(rt, model, op, body, ex)
+            finally:
+                self.dispatcher.unclaim(claim)
             headers = {
                 "x-hapax-provider": d.deployment.provider,
                 "x-hapax-upstream-model": d.deployment.model,

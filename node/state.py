@@ -2,7 +2,8 @@
 
 ``node`` is the composition root: without ``state.redis.url`` the dispatcher
 builds its memory backends itself and this module builds nothing. With it, the
-seams use the access state's Redis client (one pool; every call bounded by
+seams use the access state's Redis client and its batcher (one kept connection,
+one write per loop iteration for every seam; every round trip bounded by
 ``state.redis.timeout``) and its breaker around Redis (so the node has one
 degraded state), plus one more connection for the pub/sub bus (it blocks
 reading, so it has no read timeout).
@@ -44,7 +45,10 @@ class RoutingState:
         self.bus = Bus(Redis.from_url(r.url, socket_connect_timeout=r.timeout, **extra), timeout=r.timeout)
         # The access state's breaker: one per node, one degraded gauge, one log line per transition.
         self.breaker = AccessStateBreaker(access)
-        self._scripts = [Script(self.client, src, timeout=r.timeout) for src in (SLOTS_LUA, DEDUP_LUA, HEALTH_LUA)]
+        # The access state's batcher: what every seam queues in one loop iteration leaves in one
+        # write on its one kept connection, so a request's Redis work costs as few round trips as can be.
+        self._scripts = [Script(self.client, src, timeout=r.timeout, batch=access.shared.batch)
+                         for src in (SLOTS_LUA, DEDUP_LUA, HEALTH_LUA)]
         self.slots = RedisSlots(
             self._scripts[0], self.bus, self.breaker,
             key_prefix=r.key_prefix, cluster=st.cluster, lease_seconds=st.lease_seconds,

@@ -162,3 +162,33 @@ async def test_a_failed_leader_leaves_followers_to_call_themselves(
     with pytest.raises(RuntimeError):
         await leader
     assert await asyncio.wait_for(follower, 10) == ("own answer", False)
+
+
+async def test_a_claim_is_the_lead_run_uses_and_a_claim_given_up_frees_it_at_once(
+    pair: tuple[RedisInFlight, RedisInFlight],
+) -> None:
+    # A claim asks for the lead ahead of run (in the admission's round trip); run takes its
+    # answer without asking again, and a claim given up (a refused request) ends the lead
+    # now, so another process's identical request does not wait out the lease (1 s here).
+    one, two = pair
+    ops = one.script.operations
+    token = one.claim("k3")
+    assert token is not None and one.claim("k3") is None  # one claim per key and process
+    assert await one.run("k3", _answer("mine"), TEXT) == ("mine", False)
+    await asyncio.sleep(0.1)  # the release, queued as the call ended, is sent
+    assert one.script.operations - ops == 2  # the claim's join and the release: no second join
+    one.unclaim(token)  # run used it: nothing to do
+
+    token = one.claim("k4")
+    await asyncio.sleep(0.1)  # the claim's join has its answer: one leads k4
+    one.unclaim(token)
+    t0 = time.monotonic()
+    assert await asyncio.wait_for(two.run("k4", _answer("theirs"), TEXT), 5) == ("theirs", False)
+    assert time.monotonic() - t0 < 0.5 and not one._following and not one._claims
+
+
+def _answer(text: str) -> Callable[[], Any]:
+    async def call() -> str:
+        return text
+
+    return call

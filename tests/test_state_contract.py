@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 import pytest
 
 from hapax.config import Budget, RateLimits
-from hapax.state import AccessState, Ask, BudgetScope, Grant, MemoryState, RedisState, Refusal, Scope
+from hapax.state import (
+    AccessState,
+    Ask,
+    BudgetScope,
+    Grant,
+    MemoryState,
+    RedisState,
+    Refusal,
+    Scope,
+    StateUnavailable,
+)
 
 NOON = calendar.timegm((2026, 6, 15, 12, 0, 0, 0, 0, 0))
 
@@ -355,6 +365,37 @@ async def test_redis_loses_its_scripts_and_the_backend_loads_them_again(redis_en
     await st.client.script_flush()
     grant(await st.reserve(Ask((key(RateLimits(requests_per_minute=5)),))))
 
+
+async def test_a_kept_connection_redis_closed_while_idle_is_replaced_before_the_next_write(
+    redis_env: Env,
+) -> None:
+    # What a Redis restart or its idle timeout does: the next reservation still succeeds,
+    # on a new connection, without resending a batch Redis may have run.
+    st = await redis_env.make()
+    assert isinstance(st, RedisState)
+    ask = Ask((key(RateLimits(requests_per_minute=5)),))
+    grant(await st.reserve(ask))
+    assert await st.client.client_kill_filter(_type="normal", skipme=True) >= 1
+    await asyncio.sleep(0.05)  # the close reaches this process
+    grant(await st.reserve(ask))
+    assert st.batch.round_trips == 2
+
+
+async def test_a_round_trip_past_the_timeout_fails_and_the_next_goes_on_a_new_connection(redis_url: str) -> None:
+    st = RedisState.from_url(redis_url, cluster="slow", timeout=0.2)
+    try:
+        ask = Ask((key(RateLimits(requests_per_minute=5)),))
+        grant(await st.reserve(ask))
+        await st.client.execute_command("CLIENT", "PAUSE", "700", "ALL")
+        t0 = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await st.reserve(ask)
+        assert time.monotonic() - t0 < 0.6
+        await asyncio.sleep(0.7)  # the pause ends; the late reply must not answer the next batch
+        r = grant(await st.reserve(ask))
+        assert r.headers["x-ratelimit-remaining-requests"] in ("2", "3")
+    finally:
+        await st.aclose()
 
 
 async def test_a_settle_reaches_the_state_before_a_reservation_made_after_it(env: Env) -> None:

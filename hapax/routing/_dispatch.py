@@ -162,20 +162,36 @@ class Dispatcher(HealthReport):
 
     # -- entry point -------------------------------------------------------------------
 
+    def claim(
+        self, rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange
+    ) -> object | None:
+        """Ask the shared dedup who leads this request's key now, before the request is admitted.
+
+        The question then shares the admission's round trip to Redis; ``send`` uses the
+        answer. The caller ends it with ``unclaim`` whatever happens (a no-op once ``send``
+        used it): a refused request gives up a lead it took at once.
+        """
+        if not self.dedup.claims:
+            return None  # in-process dedup: nothing to ask, no key to compute twice
+        key = _dedup_key(rt, model, op, body, ex)
+        return None if key is None else self.dedup.claim(key)
+
+    def unclaim(self, token: object | None) -> None:
+        if token is not None:
+            self.dedup.unclaim(token)
+
     async def send(
         self, rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange
     ) -> Dispatched:
         self.sync(rt)
-        # The dedup key is the body; a request with a beta header asks for something else.
-        if (ex.dedup and not body.get("stream") and rt.config.reliability.dedup.enabled
-                and not has_provider_headers(ex.client_headers)):
-            return await self._send_handling_dedup(rt, model, op, body, ex)
+        key = _dedup_key(rt, model, op, body, ex)
+        if key is not None:
+            return await self._send_handling_dedup(rt, model, op, body, ex, key)
         return await self._send_handling_admission(rt, model, op, body, ex)
 
     async def _send_handling_dedup(
-        self, rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange
+        self, rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange, key: str
     ) -> Dispatched:
-        key = dedup_key(ex.principal, model.name, op.value, body)
         d, shared = await self.dedup.run(
             key, lambda: self._send_handling_admission(rt, model, op, body, ex), _codec(rt, model, op))
         if not shared:
@@ -392,6 +408,15 @@ class Dispatcher(HealthReport):
         reply.on_failure = failed
         _on_close(reply, done)
 
+
+
+def _dedup_key(rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, Any], ex: Exchange) -> str | None:
+    """The request's dedup key, or ``None`` when it is not deduplicated."""
+    # The key is the body; a request with a beta header asks for something else.
+    if (ex.dedup and not body.get("stream") and rt.config.reliability.dedup.enabled
+            and not has_provider_headers(ex.client_headers)):
+        return dedup_key(ex.principal, model.name, op.value, body)
+    return None
 
 
 def _codec(rt: Runtime, model: ModelConfig, op: Operation) -> Codec[Dispatched]:

@@ -27,6 +27,7 @@ from ._base import (
     StateUnavailable,
     StateView,
 )
+from ._batch import RedisUnavailable
 from ._budget import BudgetDenied, BudgetGrant, BudgetLedger, BudgetScope, day_of, month_of, seconds_to_period_end
 from ._bus import Bus
 from ._dedup import Codec, InFlight, MemoryInFlight, dedup_key
@@ -37,7 +38,7 @@ from ._health_redis import HEALTH_LUA, RedisHealthNews
 from ._memory import MemoryState
 from ._ratelimit import RateDenied, RateGrant, RateLimiter, Scope, TokenBucket, format_duration, tightest_headers
 from ._redis import DEFAULT_LEASE_SECONDS, RedisState
-from ._script import AccessStateBreaker, RedisBreaker, RedisUnavailable, Script
+from ._script import AccessStateBreaker, RedisBreaker, Script
 from ._slots import GLOBAL, Alternatives, Overloaded, QueueFull, Slot, SlotGate, Slots, SlotTable, overload_error
 from ._slots_redis import SLOTS_LUA, RedisSlots
 

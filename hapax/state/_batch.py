@@ -1,59 +1,173 @@
-"""Coalesce many requests' Redis work into one pipeline per event-loop iteration.
+"""Coalesce many requests' Redis work into one write per event-loop iteration.
 
 One awaited redis-py call costs ~120 µs of client CPU; the same call inside a
 pipeline of 32 costs ~25 µs (/work/shared/notes/redis-client-cost.md). So
 operations are not sent one by one: ``submit`` queues an operation for one of the
 scripts and the queue goes out at the end of the loop iteration, every script's
-operations packed (msgpack) into one ``EVALSHA`` each, all in one pipeline, one
-round trip, written on one kept connection. While a batch is on the wire the next one gathers; it leaves the
-moment the first returns, so batches grow with load and an idle node pays one
-round trip.
+operations packed (msgpack) into one ``EVALSHA`` each, all in one write, one
+round trip, on one kept connection. While a batch is on the wire the next one
+gathers; it leaves the moment the first returns, so batches grow with load and an
+idle node pays one round trip.
+
+The kept connection is redis-py's (from the client's pool, connected and
+authenticated by it), but once held its transport is read by ``_Wire``, a
+protocol that feeds a hiredis reader and hands the batch its replies from the
+loop's own callback: no task, stream reader or timeout context per round trip,
+which at one request in flight were most of a round trip's CPU.
 
 Scripts are loaded once (``SCRIPT LOAD``) and called by SHA; a ``NOSCRIPT`` reply
 (a restarted or flushed Redis) loads them again and resends that batch once.
-Every round trip is bounded by ``timeout``; past it, or on any connection error,
-every operation of the batch fails with ``StateUnavailable``.
+Every round trip is bounded by ``timeout``; past it, or on any connection error
+or error reply, every operation of the batch fails with ``RedisUnavailable``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
+import hiredis
 import msgpack
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, RedisError
 
 from ._base import StateUnavailable
 
 _Op: TypeAlias = tuple[Any, "asyncio.Future[Any]", Callable[[BaseException], None] | None]
+_Batch: TypeAlias = list[list[_Op]]
+
+
+class RedisUnavailable(StateUnavailable):
+    """Redis did not answer in time, or refused; shared routing state falls back to local."""
+
+
+def _unavailable(exc: BaseException) -> RedisUnavailable:
+    if isinstance(exc, RedisUnavailable):
+        return exc
+    return RedisUnavailable(f"redis: {type(exc).__name__}: {exc}" if str(exc) else f"redis: {type(exc).__name__}")
+
+
+class _Wire(asyncio.Protocol):
+    """A held connection's transport: writes of whole batches, their replies parsed as they arrive.
+
+    One batch at a time is on the wire; ``on_replies`` gets its ``n`` replies (an
+    error reply as its exception object, so the stream stays in step), ``on_lost``
+    the reason the connection ended. Connection events are passed on to the
+    protocol redis-py set up, so its connection object closes cleanly afterwards.
+    """
+
+    def __init__(
+        self, conn: AbstractConnection, on_replies: Callable[[list[Any]], None],
+        on_lost: Callable[[BaseException], None],
+    ) -> None:
+        writer = conn._writer
+        assert writer is not None
+        self.conn = conn
+        self.transport = writer.transport
+        self._prior = self.transport.get_protocol()
+        self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=BaseParser.parse_error)
+        self._want = 0
+        self._replies: list[Any] = []
+        self._on_replies = on_replies
+        self._on_lost = on_lost
+        self.lost = False
+        self.transport.set_protocol(self)
+
+    @property
+    def usable(self) -> bool:
+        return not self.lost and not self.transport.is_closing()
+
+    def send(self, chunks: list[bytes], n: int) -> None:
+        self._want, self._replies = n, []
+        self.transport.writelines(chunks)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while True:
+            try:
+                r = self._reader.gets(False)
+            except InvalidResponse as exc:  # the stream cannot be trusted after this
+                self._fail(exc)
+                return
+            if r is False:
+                return
+            if not self._want:  # nothing asked for it: out of step
+                self._fail(InvalidResponse("redis: a reply nobody asked for"))
+                return
+            self._replies.append(r)
+            if len(self._replies) == self._want:
+                replies, self._want, self._replies = self._replies, 0, []
+                self._on_replies(replies)
+
+    def eof_received(self) -> bool:
+        self._fail(ConnectionError("redis closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or ConnectionError("redis connection lost"))
+        self._prior.connection_lost(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self.transport.close()
+        self._on_lost(exc)
+
+    def close(self) -> None:
+        self.lost = True
+        self.transport.close()
 
 
 class Batcher:
-    def __init__(self, client: Redis, scripts: Sequence[str], *, timeout: float) -> None:
+    def __init__(self, client: Redis, scripts: Sequence[str] = (), *, timeout: float) -> None:
         self._client = client
-        self._sources = [s.encode() for s in scripts]
-        self._shas = [hashlib.sha1(s).hexdigest() for s in self._sources]
         self._timeout = timeout
-        self._pending: list[list[_Op]] = [[] for _ in scripts]
+        self._sources: list[bytes] = []
+        # Per script, the RESP of ``EVALSHA <sha> 0`` up to its one argument.
+        self._heads: list[bytes] = []
+        self._pending: _Batch = []
         self._scheduled = False
         self._sending = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._conn: AbstractConnection | None = None
+        self._wire: _Wire | None = None
+        # The batch on the wire, what was written for it, whether its scripts were reloaded, its deadline.
+        self._batch: _Batch = []
+        self._chunks: list[bytes] = []
+        self._count = 0
+        self._reloaded = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._quiet: asyncio.Future[None] | None = None
         #: Round trips and operations sent, for the benchmark's figures.
         self.round_trips = 0
         self.operations = 0
+        for s in scripts:
+            self.add(s)
+
+    def add(self, source: str) -> int:
+        """Take operations for one more script from now on; its index for ``submit``.
+
+        A script's operations go out after those of scripts added before it, in the same write.
+        """
+        src = source.encode()
+        if src in self._sources:
+            return self._sources.index(src)
+        sha = hashlib.sha1(src).hexdigest().encode()
+        self._sources.append(src)
+        self._heads.append(b"*4\r\n$7\r\nEVALSHA\r\n$40\r\n" + sha + b"\r\n$1\r\n0\r\n")
+        self._pending.append([])
+        return len(self._sources) - 1
 
     def submit(
         self, script: int, op: Any, *, on_error: Callable[[BaseException], None] | None = None
     ) -> asyncio.Future[Any]:
         """Queue ``op`` for ``script``; the future gets its result.
 
-        On failure the future raises ``StateUnavailable``; or, given ``on_error``, that
+        On failure the future raises ``RedisUnavailable``; or, given ``on_error``, that
         is called instead and the future resolves to ``None`` (work nobody waits on).
         """
         loop = asyncio.get_running_loop()
@@ -64,6 +178,8 @@ class Batcher:
             loop.call_soon(self._flush)
         return fut
 
+    # -- one round trip ----------------------------------------------------------------------
+
     def _flush(self) -> None:
         self._scheduled = False
         if self._sending or not any(self._pending):
@@ -71,82 +187,134 @@ class Batcher:
         batch = self._pending
         self._pending = [[] for _ in batch]
         self._sending = True
-        task = asyncio.get_running_loop().create_task(self._send(batch))
+        self._batch, self._reloaded = batch, False
+        # Lua's cmsgpack knows no bin type: bytes (a dedup result) go as raw strings, as Lua
+        # holds them; str packs the same either way.
+        chunks: list[bytes] = []
+        n = 0
+        for i, ops in enumerate(batch):
+            if ops:
+                packed = msgpack.packb([op for op, _, _ in ops], use_bin_type=False)
+                chunks += (self._heads[i], b"$%d\r\n" % len(packed), packed, b"\r\n")
+                n += 1
+                self.operations += len(ops)
+        self._chunks, self._count = chunks, n
+        self.round_trips += 1
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + self._timeout, self._expired)
+        wire = self._wire
+        if wire is not None and wire.usable:
+            wire.send(chunks, n)
+        else:
+            # Redis may have closed the kept connection while it was idle: a new one before
+            # the write, never a resend after it (a batch Redis ran must not run twice).
+            self._spawn(self._connect_and_send())
+
+    async def _connect_and_send(self) -> None:
+        batch = self._batch
+        try:
+            self._drop()
+            conn: AbstractConnection = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        except (RedisError, OSError) as exc:
+            self._fail(batch, exc)
+            return
+        if self._batch is not batch or not self._sending:  # timed out meanwhile
+            await self._client.connection_pool.release(conn)
+            return
+        self._wire = _Wire(conn, self._on_replies, self._on_lost)
+        self._wire.send(self._chunks, self._count)
+
+    def _on_replies(self, replies: list[Any]) -> None:
+        if any(isinstance(r, NoScriptError) for r in replies) and not self._reloaded:
+            # Redis lost its script cache (restart, SCRIPT FLUSH): load and send again, once.
+            self._reloaded = True
+            self._spawn(self._reload_and_send())
+            return
+        batch = self._batch
+        for r in replies:
+            if isinstance(r, BaseException):
+                self._fail(batch, r, drop=False)  # an error reply: the stream is still in step
+                return
+        self._end()
+        for ops, reply in zip((o for o in batch if o), replies, strict=True):
+            results = msgpack.unpackb(reply, use_list=True, raw=False)
+            for (_, fut, _), res in zip(ops, results, strict=True):
+                if not fut.done():
+                    fut.set_result(res)
+        self._next()
+
+    async def _reload_and_send(self) -> None:
+        batch = self._batch
+        try:
+            for src in self._sources:
+                await self._client.script_load(src)
+        except (RedisError, OSError) as exc:
+            self._fail(batch, exc)
+            return
+        wire = self._wire
+        if self._batch is not batch or not self._sending:  # timed out meanwhile
+            return
+        if wire is None or not wire.usable:
+            self._fail(batch, ConnectionError("redis connection lost"))
+            return
+        wire.send(self._chunks, self._count)
+
+    def _on_lost(self, exc: BaseException) -> None:
+        if self._sending:
+            self._fail(self._batch, exc)
+
+    def _expired(self) -> None:
+        self._timer = None
+        self._fail(self._batch, TimeoutError())
+
+    def _fail(self, batch: _Batch, exc: BaseException, *, drop: bool = True) -> None:
+        if batch is not self._batch or not self._sending:
+            return
+        if drop:
+            self._drop()  # a timeout, a reset: the stream is out of step; never reuse it
+        self._end()
+        err = _unavailable(exc)
+        for ops in batch:
+            for _, fut, on_error in ops:
+                if fut.done():
+                    continue
+                if on_error is None:
+                    fut.set_exception(err)
+                else:
+                    on_error(err)
+                    fut.set_result(None)
+        self._next()
+
+    def _end(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._batch, self._chunks, self._sending = [], [], False
+
+    def _next(self) -> None:
+        if any(self._pending):
+            self._flush()
+        elif self._quiet is not None and not self._quiet.done():
+            self._quiet.set_result(None)
+
+    def _drop(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
+            self._spawn(self._give_back(wire.conn))
+
+    async def _give_back(self, conn: AbstractConnection) -> None:
+        try:
+            await conn.disconnect()
+        finally:
+            await self._client.connection_pool.release(conn)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, batch: list[list[_Op]]) -> None:
-        try:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    replies = await self._round_trip(batch)
-            except (RedisError, OSError, TimeoutError) as exc:
-                err = StateUnavailable(f"redis: {type(exc).__name__}: {exc}" if str(exc) else
-                                       f"redis: {type(exc).__name__}")
-                for ops in batch:
-                    for _, fut, on_error in ops:
-                        if fut.done():
-                            continue
-                        if on_error is None:
-                            fut.set_exception(err)
-                        else:
-                            on_error(err)
-                            fut.set_result(None)
-                return
-            for ops, reply in zip((o for o in batch if o), replies, strict=True):
-                results = msgpack.unpackb(reply, use_list=True, raw=False)
-                for (_, fut, _), res in zip(ops, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(res)
-        finally:
-            self._sending = False
-            if any(self._pending):
-                self._flush()
-
-    async def _round_trip(self, batch: list[list[_Op]]) -> list[bytes]:
-        args = [(i, msgpack.packb([op for op, _, _ in ops])) for i, ops in enumerate(batch) if ops]
-        self.round_trips += 1
-        self.operations += sum(len(ops) for ops in batch)
-        replies = await self._evalsha(args)
-        if any(isinstance(r, NoScriptError) for r in replies):
-            # Redis lost its script cache (restart, SCRIPT FLUSH): load and send again, once.
-            for src in self._sources:
-                await self._client.script_load(src)
-            replies = await self._evalsha(args)
-        for r in replies:
-            if isinstance(r, BaseException):
-                raise r
-        return replies
-
-    async def _evalsha(self, args: list[tuple[int, bytes]]) -> list[Any]:
-        """One write of every ``EVALSHA``, then their replies, on a connection kept for it.
-
-        redis-py's connection layer rather than its pipeline object: measured on this
-        machine, a one-command round trip costs ~165 µs of CPU this way against ~285 µs
-        through ``pipeline().execute()``, and a quiet node sends mostly one-op batches.
-        The caller's ``asyncio.timeout`` bounds the whole exchange.
-        """
-        conn = self._conn
-        if conn is None:
-            conn = self._conn = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_packed_command(
-                conn.pack_commands([("EVALSHA", self._shas[i], 0, packed) for i, packed in args]),
-                check_health=False,
-            )
-            replies: list[Any] = []
-            for _ in args:
-                try:
-                    replies.append(await conn.read_response(disable_decoding=True, timeout=math.inf))
-                except ResponseError as exc:  # an error reply: the connection is still in step
-                    replies.append(exc)
-            return replies
-        except BaseException:
-            # Anything else (a timeout, a reset, a cancel) leaves the stream out of step.
-            self._conn = None
-            await conn.disconnect()
-            await self._client.connection_pool.release(conn)
-            raise
+    # -- life --------------------------------------------------------------------------------
 
     async def load(self) -> None:
         """Load the scripts now, so the first requests do not pay for it."""
@@ -154,18 +322,22 @@ class Batcher:
             for src in self._sources:
                 await self._client.script_load(src)
 
-    async def aclose(self) -> None:
-        """Send what is queued (settlements of the last calls), then stop; bounded by the timeout."""
+    async def drain(self) -> None:
+        """Send what is queued and wait for what is on the wire, each round trip bounded by the timeout."""
         self._flush()
         try:
             async with asyncio.timeout(self._timeout * 4):
-                while self._tasks:
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
+                while self._sending or any(self._pending):
+                    self._quiet = asyncio.get_running_loop().create_future()
+                    await self._quiet
         except TimeoutError:
             pass
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await self._client.connection_pool.release(conn)
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Send what is queued (settlements of the last calls), then close the kept connection."""
+        await self.drain()
+        self._drop()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

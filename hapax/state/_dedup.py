@@ -60,6 +60,9 @@ class Codec(Generic[T]):
 
 
 class InFlight(ABC):
+    #: Whether ``claim`` can ask anything (a shared backend): callers skip the key otherwise.
+    claims = False
+
     @abstractmethod
     async def run(
         self, key: str, call: Callable[[], Awaitable[T]], codec: Codec[T] | None = None
@@ -69,6 +72,18 @@ class InFlight(ABC):
         A backend shared across processes uses ``codec`` to hand the result over;
         without one, it merges only within the process.
         """
+
+    def claim(self, key: str) -> object | None:
+        """Start asking the cluster who leads ``key`` now, ahead of ``run`` (``None``: nothing asked).
+
+        So the question can share a round trip with the request's admission. ``run``
+        for the key uses the answer; ``unclaim`` with the token this returns ends the
+        claim if no ``run`` did (a refused request), and is a no-op after one did.
+        """
+        return None
+
+    def unclaim(self, token: object | None) -> None:  # noqa: B027 - optional hook
+        """End a claim ``run`` has not used: a lead it took is given up, so nobody waits on it."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Start background work (lease renewal); call once the event loop runs."""
@@ -94,6 +109,9 @@ class MemoryInFlight(InFlight):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
 
     async def run(
         self, key: str, call: Callable[[], Awaitable[T]], codec: Codec[T] | None = None

@@ -9,6 +9,12 @@ publishes the result, encoded by the caller's ``Codec``, on the channel of every
 process that joined as a follower (``…:dd:f:<key>``, a set of process ids), and
 drops the lease. If it loses, it joins the followers and waits for that message.
 
+The question "who leads?" can be asked ahead of ``run`` (``claim``): the
+pipeline asks it before awaiting the request's admission, so it shares that
+round trip to Redis, and ``run`` takes the answer. A claim ``run`` never used (a
+refused request) is given up as soon as its answer is in: a lead it took is
+released at once (``FINISH`` with no result), so nobody waits out its lease.
+
 A follower never waits on a dead leader for long: its wait is bounded by one
 lease, after which it asks again; a leader that died (SIGKILL) stopped renewing,
 its lease is gone, and the follower leads and makes the call itself. A leader
@@ -28,14 +34,16 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import msgpack
 
 from ._background import Background
+from ._batch import RedisUnavailable
 from ._bus import Bus
 from ._dedup import Codec, InFlight, MemoryInFlight
-from ._script import RedisBreaker, RedisUnavailable, Script
+from ._script import RedisBreaker, Script
 
 log = logging.getLogger("hapax.state")
 
@@ -83,7 +91,18 @@ return cmsgpack.pack(out)
 """
 
 
+@dataclass(slots=True, eq=False)
+class _Claim:
+    """A lead asked for ahead of ``run``: the join's reply, and where a leader's result lands."""
+
+    key: str
+    joined: asyncio.Future[Any]
+    result: asyncio.Future[bytes | None]
+
+
 class RedisInFlight(InFlight):
+    claims = True
+
     def __init__(
         self,
         script: Script,
@@ -104,6 +123,8 @@ class RedisInFlight(InFlight):
         #: Keys this process leads for the cluster (leases renewed) and keys it follows.
         self._leading: set[str] = set()
         self._following: dict[str, asyncio.Future[bytes | None]] = {}
+        #: Claims made ahead of ``run`` (``claim``): key -> the claim.
+        self._claims: dict[str, _Claim] = {}
         self._background = Background("hapax-dedup-leases")
         #: Calls answered by another process's leader (tests, logs).
         self.shared_across = 0
@@ -120,26 +141,69 @@ class RedisInFlight(InFlight):
         (result, remote), local = await self.local.run(key, lambda: self._cluster(key, call, codec))
         return result, remote or local
 
+    def claim(self, key: str) -> object | None:
+        # Only where run would ask Redis itself: not while this process already runs the key
+        # (its request follows locally), nor twice, nor while the breaker keeps Redis out.
+        if key in self.local or key in self._claims or key in self._following or not self.breaker.allow():
+            return None
+        c = self._claims[key] = _Claim(key, *self._join(key))
+        c.joined.add_done_callback(self._settle_breaker)
+        return c
+
+    def unclaim(self, token: object | None) -> None:
+        if not isinstance(token, _Claim) or self._claims.get(token.key) is not token:
+            return  # no claim, or run used it
+        del self._claims[token.key]
+        token.joined.add_done_callback(lambda f: self._give_up(token, f))
+
+    def _give_up(self, c: _Claim, joined: asyncio.Future[Any]) -> None:
+        if self._following.get(c.key) is c.result:
+            del self._following[c.key]
+        if not joined.cancelled() and joined.exception() is None and joined.result() == 1:
+            # A lead nobody will use: end it now (followers call themselves) rather than after a lease.
+            self.script.call([_FINISH, self.prefix, self.node, c.key, None], on_error=self.breaker.failed)
+
+    def _settle_breaker(self, joined: asyncio.Future[Any]) -> None:
+        if joined.cancelled():
+            return
+        exc = joined.exception()
+        if exc is None:
+            self.breaker.ok()
+        else:
+            self.breaker.failed(exc)
+
+    def _join(self, key: str) -> tuple[asyncio.Future[Any], asyncio.Future[bytes | None]]:
+        fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        # Registered before joining: the leader may finish before the join's reply is read.
+        self._following[key] = fut
+        return self.script.call([_JOIN, self.prefix, self.node, key, self._lease_ms]), fut
+
     async def _cluster(self, key: str, call: Callable[[], Awaitable[T]], codec: Codec[T]) -> tuple[T, bool]:
         """One process's pass for ``key``: lead it for the cluster, or wait for whoever does."""
+        claimed = self._claims.pop(key, None)
         while True:
-            if not self.breaker.allow():
-                return await call(), False
-            fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-            # Registered before joining: the leader may finish before the join's reply is read.
-            self._following[key] = fut
+            if claimed is not None:
+                # Asked already, in the admission's round trip; its breaker verdict is taken.
+                joined, fut = claimed.joined, claimed.result
+                claimed = None
+            else:
+                if not self.breaker.allow():
+                    return await call(), False
+                joined, fut = self._join(key)
+                joined.add_done_callback(self._settle_breaker)
             try:
-                lead = await self.script.call([_JOIN, self.prefix, self.node, key, self._lease_ms])
-            except RedisUnavailable as exc:
-                self._following.pop(key, None)
-                self.breaker.failed(exc)
+                lead = await joined
+            except RedisUnavailable:
+                if self._following.get(key) is fut:
+                    del self._following[key]
                 return await call(), False
             except BaseException:
-                self._following.pop(key, None)
+                if self._following.get(key) is fut:
+                    del self._following[key]
                 raise
-            self.breaker.ok()
             if lead == 1:
-                self._following.pop(key, None)
+                if self._following.get(key) is fut:
+                    del self._following[key]
                 return await self._lead(key, call, codec), False
             try:
                 async with asyncio.timeout(self.lease_seconds):
@@ -147,7 +211,8 @@ class RedisInFlight(InFlight):
             except TimeoutError:
                 continue  # the leader may be dead: ask again (its lease expired, or we follow on)
             finally:
-                self._following.pop(key, None)
+                if self._following.get(key) is fut:
+                    del self._following[key]
             if blob is None:
                 return await call(), False  # the leader's call failed or was abandoned
             try:
@@ -166,14 +231,9 @@ class RedisInFlight(InFlight):
             return result
         finally:
             self._leading.discard(key)
-            # Committed here, awaited by nobody: followers must hear even if our client left.
-            self._background.spawn(self._finish(key, blob))
-
-    async def _finish(self, key: str, blob: bytes | None) -> None:
-        try:
-            await self.script.call([_FINISH, self.prefix, self.node, key, blob])
-        except RedisUnavailable as exc:
-            self.breaker.failed(exc)  # followers time out and call themselves; the lease expires
+            # Queued here, synchronously, awaited by nobody: followers must hear even if our
+            # client left. If it fails, followers time out and call themselves; the lease expires.
+            self.script.call([_FINISH, self.prefix, self.node, key, blob], on_error=self.breaker.failed)
 
     def _on_result(self, data: bytes) -> None:
         # raw: the result is bytes, which Lua hands on as a string of any bytes.
@@ -204,3 +264,4 @@ class RedisInFlight(InFlight):
 
     async def aclose(self) -> None:
         await self._background.aclose()
+        await self.script.aclose()  # what the last leaders queued still reaches the followers

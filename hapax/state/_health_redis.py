@@ -26,9 +26,10 @@ from typing import Any
 
 import msgpack
 
+from ._batch import RedisUnavailable
 from ._bus import Bus
 from ._health import HealthNews, HealthNewsBus
-from ._script import RedisBreaker, RedisUnavailable, Script
+from ._script import RedisBreaker, Script
 
 log = logging.getLogger("hapax.state")
 

@@ -2,8 +2,10 @@
 
 The routing seams (slots, dedup, health) queue operations, in the same
 convention as the access state's scripts: ``ARGV[1]`` is a msgpack list of
-operations, the reply a msgpack list of their results. A ``NOSCRIPT`` reply (a
-restarted or flushed Redis) loads the script again and sends once more.
+operations, the reply a msgpack list of their results. A ``Batcher`` sends them
+(``_batch``): one write per loop iteration, on one kept connection, shared with
+the access state's scripts under ``node``. A ``NOSCRIPT`` reply (a restarted or
+flushed Redis) loads the scripts again and sends once more.
 
 Errors: a call that fails or outlasts ``timeout`` raises ``RedisUnavailable``;
 the caller's failure policy decides what follows.
@@ -17,100 +19,57 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from ._base import StateUnavailable
+from ._batch import Batcher, RedisUnavailable
 from ._failover import FailoverState
 
 log = logging.getLogger("hapax.state")
 
 
-class RedisUnavailable(StateUnavailable):
-    """Redis did not answer in time, or refused; shared routing state falls back to local."""
-
-
 class Script:
-    """Calls of one script, coalesced: the operations of one loop iteration go in one ``EVALSHA``.
+    """One Lua script's calls, sent by a ``Batcher``: the operations of one loop iteration in one ``EVALSHA``.
 
     One awaited redis-py call costs ~120 µs of client CPU, and a node under load
     makes many at once (/work/shared/notes/redis-client-cost.md). ``call`` queues its
     operation; the queue leaves at the end of the loop iteration as one call whose
-    ``ARGV[1]`` is the list of operations, each caller getting its own result. While
-    a call is on the wire the next batch gathers, and leaves when it returns.
+    ``ARGV[1]`` is the list of operations, each caller getting its own result.
 
-    The access state's ``Batcher`` (``_batch``) does the same over a pipeline of its
-    scripts; the routing seams keep their own because their operations carry bytes
-    (a dedup result), which must go as msgpack raw strings (``use_bin_type=False``):
-    Redis's Lua ``cmsgpack`` rejects the bin type that ``Batcher`` packs bytes as.
+    Given ``batch`` (under ``node``, the access state's), the script's calls share its
+    writes and its kept connection with every other seam: what slots, dedup, health
+    and the access state queue in one loop iteration leaves as one write and costs
+    one round trip. Without it, the script has a batcher of its own.
     """
 
-    def __init__(self, client: Redis, source: str, *, timeout: float) -> None:
+    def __init__(self, client: Redis, source: str, *, timeout: float, batch: Batcher | None = None) -> None:
         self.client = client
         self._source = source.encode()
         self.sha = hashlib.sha1(self._source).hexdigest()
         self.timeout = timeout
-        self._pending: list[tuple[list[Any], asyncio.Future[Any]]] = []
-        self._scheduled = False
-        self._sending = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        #: Round trips and operations sent (tests, the benchmark).
-        self.round_trips = 0
-        self.operations = 0
+        self._own = batch is None
+        self.batch = Batcher(client, timeout=timeout) if batch is None else batch
+        self._index = self.batch.add(source)
 
-    def call(self, op: list[Any]) -> asyncio.Future[Any]:
-        """Queue ``op``; the future gets its result, or ``RedisUnavailable``."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((op, fut))
-        if not self._scheduled and not self._sending:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return fut
+    @property
+    def round_trips(self) -> int:
+        """Round trips of its batcher (shared: every seam's), for tests and the benchmark."""
+        return self.batch.round_trips
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        if self._sending or not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        self._sending = True
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    @property
+    def operations(self) -> int:
+        return self.batch.operations
 
-    async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
-        try:
-            try:
-                results = await self._round_trip([op for op, _ in batch])
-            except RedisUnavailable as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                return
-            for (_, fut), res in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(res)
-        finally:
-            self._sending = False
-            if self._pending:
-                self._flush()
+    def call(
+        self, op: list[Any], *, on_error: Callable[[BaseException], None] | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue ``op``; the future gets its result, or ``RedisUnavailable``.
 
-    async def _round_trip(self, ops: list[list[Any]]) -> list[Any]:
-        # Lua's cmsgpack knows no bin type: bytes go as raw strings, as Lua holds them.
-        packed = msgpack.packb(ops, use_bin_type=False)
-        self.round_trips += 1
-        self.operations += len(ops)
-        try:
-            async with asyncio.timeout(self.timeout):
-                try:
-                    raw = await self.client.evalsha(self.sha, 0, packed)
-                except NoScriptError:
-                    await self.client.script_load(self._source)
-                    raw = await self.client.evalsha(self.sha, 0, packed)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise RedisUnavailable(f"redis: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")) from exc
-        return list(msgpack.unpackb(raw, raw=False))
+        Given ``on_error``, a failure goes to it and the future resolves to ``None``:
+        work fired from the request path that nobody awaits needs no task of its own.
+        """
+        return self.batch.submit(self._index, op, on_error=on_error)
 
     async def load(self) -> None:
         try:
@@ -120,9 +79,14 @@ class Script:
             raise RedisUnavailable(f"redis: {type(exc).__name__}") from exc
 
     async def aclose(self) -> None:
-        """Wait for calls on the wire (each bounded by the timeout)."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Send what is queued and wait for calls on the wire (each bounded by the timeout).
+
+        A shared batcher stays open: its owner (the access state) closes it.
+        """
+        if self._own:
+            await self.batch.aclose()
+        else:
+            await self.batch.drain()
 
 
 class RedisBreaker:

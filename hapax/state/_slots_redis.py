@@ -45,8 +45,9 @@ import msgpack
 
 from .._errors import RateLimited
 from ._background import Background
+from ._batch import RedisUnavailable
 from ._bus import Bus
-from ._script import RedisBreaker, RedisUnavailable, Script
+from ._script import RedisBreaker, Script
 from ._slots import Alternatives, Overloaded, Slot, SlotGate, Slots
 
 log = logging.getLogger("hapax.state")
