@@ -22,7 +22,7 @@ from coordinator import Coordinator, EtcdConfigSource, config_key, leader_key, n
 from coordinator._keys import NodeRecord
 from hapax.config import Config, ConfigRejected, ConfigSnapshot, EtcdConfig, config_from_bytes
 from tests.etcd_server import EtcdServer
-from tests.test_etcd_watch import Proxy, until
+from tests.test_etcd_watch import Proxy, put_once_up, until
 
 TTL = 2
 
@@ -338,7 +338,7 @@ async def test_config_source_starts_on_what_etcd_holds_and_resumes_after_an_outa
             await direct.close()
             direct = aetcd.Client(port=own.port, timeout=5)
             await direct.connect()
-            second = await direct.put(key, _yaml("second"))
+            second = await put_once_up(direct, key, _yaml("second"))
             event = await pending
             assert isinstance(event, ConfigSnapshot) and event.revision == int(second.header.revision)
             assert [m.name for m in event.config.models] == ["second"]

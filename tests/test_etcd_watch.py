@@ -29,6 +29,21 @@ async def until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> N
         await asyncio.sleep(0.02)
 
 
+async def put_once_up(client: aetcd.Client, key: bytes, value: bytes, timeout: float = 10.0) -> aetcd.Put:
+    """A put from the test's own client right after etcd came back. gRPC shares one subchannel
+    per target between channels, so even a new client may find it still backing off from the
+    outage and fail at once; the test's writer waits that out (bounded), the node's own watch
+    does likewise through its reconnect loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await client.put(key, value)
+        except aetcd.exceptions.ConnectionFailedError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 class Proxy:
     """A TCP proxy to etcd that can be cut (every connection reset, new ones refused)."""
 
@@ -228,7 +243,7 @@ async def test_etcd_stopped_and_started_mid_watch(own_etcd: EtcdServer) -> None:
         # Writes right after etcd is back, racing the watch's reconnect.
         await writer.close()
         writer = aetcd.Client(port=own_etcd.port, timeout=5)
-        await writer.put(prefix + b"k0", b"after")
+        await put_once_up(writer, prefix + b"k0", b"after")
         await writer.delete(prefix + b"k1")
         await writer.put(prefix + b"k9", b"new")
         expected, last = await _range(writer, prefix)
