@@ -48,6 +48,9 @@ class Exchange:
     #: Whether this request may share an identical concurrent request's upstream call
     #: (``x-hapax-dedup: off`` says no).
     dedup: bool = True
+    #: The request's dedup key once computed (a hash of the whole body): the shared dedup's
+    #: claim and the dispatch both need it, and it is computed once.
+    dedup_key: str | None = None
     #: The caller's team, when their key has one.
     team: str = ""
     #: The caller's key's name (for the access log), when they called with a stored key.

@@ -415,7 +415,9 @@ def _dedup_key(rt: Runtime, model: ModelConfig, op: Operation, body: dict[str, A
     # The key is the body; a request with a beta header asks for something else.
     if (ex.dedup and not body.get("stream") and rt.config.reliability.dedup.enabled
             and not has_provider_headers(ex.client_headers)):
-        return dedup_key(ex.principal, model.name, op.value, body)
+        if ex.dedup_key is None:
+            ex.dedup_key = dedup_key(ex.principal, model.name, op.value, body)
+        return ex.dedup_key
     return None
 
 
