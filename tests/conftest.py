@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aetcd
 import anthropic
 import openai
 import pytest
@@ -108,6 +109,15 @@ def etcd_server() -> Iterator[EtcdServer]:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture
+async def direct(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
+    """A plain aetcd client on the session's etcd, for a test to write and read keys itself."""
+    client = aetcd.Client(port=etcd_server.port, timeout=5)
+    await client.connect()
+    yield client
+    await client.close()
 
 
 @pytest.fixture

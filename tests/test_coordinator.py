@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import aetcd
 import pytest
@@ -34,14 +33,6 @@ def _etcd(port: int) -> EtcdConfig:
 def _coordinator(port: int, cluster: str, node_id: str) -> Coordinator:
     return Coordinator(_etcd(port), cluster=cluster, node_id=node_id, address=f"127.0.0.1:{9000 + int(node_id[-1])}",
                        version="test", lease_ttl=TTL)
-
-
-@pytest.fixture
-async def direct(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    client = aetcd.Client(port=etcd_server.port, timeout=5)
-    await client.connect()
-    yield client
-    await client.close()
 
 
 class Sampler:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import aetcd
 import pytest
@@ -91,14 +91,6 @@ class Seen:
     def __call__(self, view: Mapping[bytes, bytes], revision: int) -> None:
         self.revisions.append(revision)
         self.view = dict(view)
-
-
-@pytest.fixture
-async def direct(etcd_server: EtcdServer) -> AsyncIterator[aetcd.Client]:
-    client = aetcd.Client(port=etcd_server.port, timeout=5)
-    await client.connect()
-    yield client
-    await client.close()
 
 
 def _client(port: int) -> aetcd.Client:
