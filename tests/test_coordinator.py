@@ -65,6 +65,13 @@ def _leaders(coords: list[Coordinator]) -> list[Coordinator]:
     return [c for c in coords if c.is_leader]
 
 
+async def _the_leader(coords: list[Coordinator]) -> tuple[Coordinator, list[Coordinator]]:
+    """Once exactly one leads: the leader, and the others."""
+    await until(lambda: len(_leaders(coords)) == 1, "a leader")
+    leader = _leaders(coords)[0]
+    return leader, [c for c in coords if c is not leader]
+
+
 async def _three(port: int, cluster: str) -> list[Coordinator]:
     coords = [_coordinator(port, cluster, f"node-{i}") for i in (1, 2, 3)]
     await asyncio.gather(*(c.start() for c in coords))
@@ -130,9 +137,7 @@ async def test_a_leader_that_dies_is_replaced_within_the_ttl_plus_a_second(
 ) -> None:
     coords = await _three(etcd_server.port, cluster_name)
     try:
-        await until(lambda: len(_leaders(coords)) == 1, "a leader")
-        old = _leaders(coords)[0]
-        rest = [c for c in coords if c is not old]
+        old, rest = await _the_leader(coords)
         # Dies as with SIGKILL: no more keep-alives, no revoke, its lease left to expire at etcd.
         assert old._task is not None
         old._task.cancel()
@@ -198,9 +203,7 @@ async def test_resign_on_shutdown_hands_leadership_over_at_once(
 ) -> None:
     coords = await _three(etcd_server.port, cluster_name)
     try:
-        await until(lambda: len(_leaders(coords)) == 1, "a leader")
-        old = _leaders(coords)[0]
-        rest = [c for c in coords if c is not old]
+        old, rest = await _the_leader(coords)
         t0 = time.monotonic()
         await old.aclose()
         await until(lambda: len(_leaders(rest)) == 1, "a new leader", TTL + 5)
