@@ -147,6 +147,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="reliability.dedup.enabled on every Hapax target: on (the default, as users run it) or off, "
         "to tell what in-flight dedup's shared state costs apart from the access state's (on)",
     )
+    p.add_argument(
+        "--pace-ms",
+        type=float,
+        default=0.0,
+        help="each wrk connection waits this long after a response before its next request, keeping "
+        "the load under saturation so p50/p99 are a request's own latency, not queueing (0: none)",
+    )
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     return p.parse_args(argv)
 
@@ -377,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg["state"] = {"cluster": "bench", "redis": {"url": f"redis://127.0.0.1:{redis_port}/0"}}
         cfg_paths[name] = tmp / f"{name}.yaml"
         cfg_paths[name].write_text(yaml.safe_dump(cfg))
-    scripts = {m: wrk.write_script(tmp, m == "stream", api_key) for m in MODES}
+    scripts = {m: wrk.write_script(tmp, m == "stream", api_key, pace_ms=a.pace_ms) for m in MODES}
     urls = {
         "direct": f"http://127.0.0.1:{up_port}/v1/chat/completions",
         "proxy": f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
@@ -466,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"duration {a.duration:g}s per target after {a.warmup:g}s warm-up; wrk -t{a.wrk_threads}; "
           f"stream = {a.chunks} chunks + usage + [DONE]; Hapax auth mode {a.auth}; "
           f"access log {a.access_log} (hapax-nolog: off); "
-          f"state {a.state or 'memory, no limits'} (hapax-redis: Redis on the load CPUs); dedup {a.dedup}")
+          f"state {a.state or 'memory, no limits'} (hapax-redis: Redis on the load CPUs); dedup {a.dedup}"
+          + (f"; paced: {a.pace_ms:g} ms between a connection's requests" if a.pace_ms else ""))
     print()
     print(render(rows))
     noisy = [r for r in rows if (r.foreign_pct() or 0) > 10]
@@ -494,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 "duration_s": a.duration, "warmup_s": a.warmup, "connections": conns_list,
                 "wrk_threads": a.wrk_threads, "chunks": a.chunks, "modes": modes, "targets": targets,
                 "hapax_auth": a.auth, "access_log": logs, "state": a.state, "dedup": a.dedup, "workers": worker_counts,
+                "pace_ms": a.pace_ms,
                 "pinning": {"gateway_and_proxy": gw_cpus, "upstream_and_wrk": load_cpus},
                 "request_bytes": {m: len(wrk.request_body(m == "stream")) for m in MODES},
             },

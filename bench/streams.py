@@ -112,48 +112,71 @@ def _request(port: int) -> bytes:
     ).encode() + body
 
 
+class _StreamReader(asyncio.Protocol):
+    """One stream read from the loop's own callback: no task wakes per read.
+
+    The generator shares the machine with the node; a reader task per stream
+    (a ``StreamReader`` and a ``wait_for`` per read) cost half a core at 2,000
+    streams and its own loop lag showed up as gaps in the node's figures.
+    """
+
+    def __init__(self, request: bytes, out: StreamResult, done: asyncio.Future[None]) -> None:
+        self.request, self.out, self.done = request, out, done
+        self.transport: asyncio.Transport | None = None
+        self.sent = 0.0
+        self.last: float | None = None
+        self.head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        transport.write(self.request)  # type: ignore[attr-defined]
+        self.sent = time.perf_counter()
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        out = self.out
+        if out.events == 0 and not self.head.startswith(b"HTTP/1.1 200"):
+            self.head += data
+            if len(self.head) >= 12 and not self.head.startswith(b"HTTP/1.1 200"):
+                self._end("status " + self.head[9:12].decode(errors="replace"))
+                return
+        n = data.count(b"data: ")
+        if n:
+            if self.last is None:
+                out.first_event_s = now - self.sent
+            else:
+                out.worst_gap_s = max(out.worst_gap_s, now - self.last)
+            self.last = now
+            out.events += n
+        if b"data: [DONE]" in data:
+            self._end("")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(type(exc).__name__ if exc else "closed early")
+
+    def _end(self, error: str) -> None:
+        if self.done.done():
+            return
+        self.out.error = error
+        self.done.set_result(None)
+        if self.transport is not None:
+            self.transport.close()
+
+
 async def _one_stream(port: int, delay: float, timeout: float, out: StreamResult) -> None:
     await asyncio.sleep(delay)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    proto = _StreamReader(_request(port), out, done)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout)
+        await asyncio.wait_for(loop.create_connection(lambda: proto, "127.0.0.1", port), timeout)
     except (OSError, TimeoutError) as exc:
         out.error = f"connect: {type(exc).__name__}"
         return
     try:
-        writer.write(_request(port))
-        sent = time.perf_counter()
-        last: float | None = None
-        deadline = sent + timeout
-        head = b""
-        while True:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                out.error = "timeout"
-                return
-            data = await asyncio.wait_for(reader.read(65536), left)
-            now = time.perf_counter()
-            if not data:
-                out.error = "closed early"
-                return
-            if out.events == 0 and not head.startswith(b"HTTP/1.1 200"):
-                head += data
-                if len(head) >= 12 and not head.startswith(b"HTTP/1.1 200"):
-                    out.error = "status " + head[9:12].decode(errors="replace")
-                    return
-            n = data.count(b"data: ")
-            if n:
-                if last is None:
-                    out.first_event_s = now - sent
-                else:
-                    out.worst_gap_s = max(out.worst_gap_s, now - last)
-                last = now
-                out.events += n
-            if b"data: [DONE]" in data:
-                return
-    except (OSError, TimeoutError) as exc:
-        out.error = type(exc).__name__
-    finally:
-        writer.close()
+        await asyncio.wait_for(asyncio.shield(done), timeout)
+    except TimeoutError:
+        proto._end("timeout")
 
 
 async def _probe_live(port: int, stop: asyncio.Event, out: list[float]) -> None:
@@ -172,18 +195,20 @@ async def _probe_live(port: int, stop: asyncio.Event, out: list[float]) -> None:
             await asyncio.wait_for(stop.wait(), 0.1)
 
 
-async def wave(port: int, n: int, ramp_s: float, timeout: float) -> tuple[list[StreamResult], list[float], float]:
+async def wave(
+    port: int, n: int, ramp_s: float, timeout: float, *, probe: bool = True
+) -> tuple[list[StreamResult], list[float], float]:
     results = [StreamResult() for _ in range(n)]
     live: list[float] = []
     stop = asyncio.Event()
-    probe = asyncio.create_task(_probe_live(port, stop, live))
+    prober = asyncio.create_task(_probe_live(port, stop, live) if probe else stop.wait())
     t0 = time.perf_counter()
     await asyncio.gather(*(
         _one_stream(port, ramp_s * i / n, timeout, r) for i, r in enumerate(results)
     ))
     wall = time.perf_counter() - t0
     stop.set()
-    await probe
+    await prober
     return results, live, wall
 
 
@@ -257,6 +282,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1,
                    help="node worker processes (1); above 1 nothing is pinned, and the node's state "
                    "stays per worker (HAPAX_BENCH_UNSHARED_WORKERS): limits do not matter here")
+    p.add_argument("--direct", action="store_true",
+                   help="first a wave straight at the upstream (no node): what the generator and upstream add")
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
 
@@ -293,6 +320,13 @@ def main(argv: list[str]) -> int:
     waves: list[Wave] = []
     try:
         upstream.wait_port(up_port)
+        if a.direct:
+            own0, up0 = _own_cpu(), upstream.cpu()
+            results, live, wall = run(wave(up_port, a.streams, a.ramp_s, timeout, probe=False))
+            cpu = {"generator": _own_cpu() - own0, "upstream": upstream.cpu() - up0}
+            w = Wave("direct", results, live, wall, {}, {k: round(100 * v / wall, 1) for k, v in cpu.items()})
+            waves.append(w)
+            print(json.dumps(w.summary(a.chunk_ms)), flush=True)
         for mode in modes:
             port = free_port()
             cfg = tmp / f"hapax-{mode}.yaml"

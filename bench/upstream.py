@@ -6,8 +6,9 @@ thing under test is never waiting on it. A request whose body contains
 ``"stream":true`` gets an SSE stream (``--chunks`` content chunks, a usage
 chunk and ``data: [DONE]``) in chunked transfer encoding, written in one
 ``write``; anything else gets a ``chat.completion`` JSON object. With
-``--chunk-ms``, a stream's events are written one per interval instead, as a
-model generating tokens would (the streams benchmark).
+``--chunk-ms``, a stream's events are written one per interval instead, on a
+fixed schedule from its first, as a model generating tokens would (the streams
+benchmark).
 
     python -m bench.upstream --port 9000 [--chunks 20] [--chunk-ms 100]
 """
@@ -153,13 +154,18 @@ class CannedHTTP(asyncio.Protocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
 
-    def _drip(self, i: int) -> None:
+    def _drip(self, i: int, start: float = 0.0) -> None:
         t = self.transport
         if t is None or t.is_closing():
             return
+        loop = asyncio.get_running_loop()
+        if i == 0:
+            start = loop.time()
         t.write(self.dripped[i])
         if i + 1 < len(self.dripped):
-            asyncio.get_running_loop().call_later(self.interval, self._drip, i + 1)
+            # On a fixed schedule from the first write, as a model's tokens come: a timer set
+            # from each write would add this loop's own lateness to every interval.
+            loop.call_at(start + (i + 1) * self.interval, self._drip, i + 1, start)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -48,9 +48,14 @@ def request_body(stream: bool) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def write_script(directory: Path, stream: bool, api_key: str = API_KEY) -> Path:
+def write_script(directory: Path, stream: bool, api_key: str = API_KEY, *, pace_ms: float = 0.0) -> Path:
     """Each request's body is made unique (a counter in ``user``), so a gateway that coalesces
-    identical concurrent requests (Hapax's dedup) still makes one upstream call per request."""
+    identical concurrent requests (Hapax's dedup) still makes one upstream call per request.
+
+    ``pace_ms`` makes each connection wait that long on average (uniformly 0 to twice it)
+    after a response before its next request (wrk's ``delay``), so the load stays below
+    what the target can serve and latency is the request's own, not time queued behind
+    others; the random wait keeps connections from moving in step (bursts queue too)."""
     body = request_body(stream).decode()
     assert "]]" not in body and body.startswith('{"model"')
     head, tail = '{"user":"bench-', '",' + body[1:]
@@ -64,7 +69,8 @@ def write_script(directory: Path, stream: bool, api_key: str = API_KEY) -> Path:
         "request = function()\n"
         "  n = n + 1\n"
         f"  return wrk.format(nil, nil, nil, [[{head}]] .. n .. [[{tail}]])\n"
-        "end\n" + _DONE_HOOK
+        "end\n" + (f"delay = function() return math.random() * {2 * pace_ms:g} end\n" if pace_ms > 0 else "")
+        + _DONE_HOOK
     )
     path = directory / ("stream.lua" if stream else "nonstream.lua")
     path.write_text(script)
