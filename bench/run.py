@@ -151,8 +151,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--pace-ms",
         type=float,
         default=0.0,
-        help="each wrk connection waits this long after a response before its next request, keeping "
-        "the load under saturation so p50/p99 are a request's own latency, not queueing (0: none)",
+        help="each wrk connection waits a random 0 to twice this many ms after a response before its next "
+        "request, keeping the load under saturation so p50/p99 are a request's own latency, not queueing "
+        "(0: none)",
     )
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     return p.parse_args(argv)
@@ -474,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
           f"stream = {a.chunks} chunks + usage + [DONE]; Hapax auth mode {a.auth}; "
           f"access log {a.access_log} (hapax-nolog: off); "
           f"state {a.state or 'memory, no limits'} (hapax-redis: Redis on the load CPUs); dedup {a.dedup}"
-          + (f"; paced: {a.pace_ms:g} ms between a connection's requests" if a.pace_ms else ""))
+          + (f"; paced: {a.pace_ms:g} ms on average between a connection's requests" if a.pace_ms else ""))
     print()
     print(render(rows))
     noisy = [r for r in rows if (r.foreign_pct() or 0) > 10]
