@@ -67,6 +67,9 @@ BUFFER_HIGH: Final = 256 * 1024
 #: Stagger for trying a host's next address (RFC 8305; aiohttp's default too), so a
 #: black-holed IPv6 route does not eat the whole connect timeout.
 HAPPY_EYEBALLS_DELAY: Final = 0.25
+#: How long a host's addresses are reused for new connections before they are looked up
+#: again (aiohttp's ``ttl_dns_cache`` default; Envoy refreshes every 5 s). Seconds.
+DNS_TTL: Final = 10.0
 #: Parsed request targets kept per transport; URLs vary only by model name, so
 #: this is a safety bound, not a working-set size.
 _TARGET_CACHE_MAX: Final = 512
@@ -400,6 +403,60 @@ class _Conn(asyncio.Protocol):
         return not self.closed and not self.spent and self._transport is not None and not self._transport.is_closing()
 
 
+_AddrInfo = list[tuple[int, int, int, str, tuple[object, ...]]]
+
+
+class _Addresses:
+    """A host's addresses, looked up once per ``DNS_TTL`` however many connections open meanwhile.
+
+    Without it a burst of new streams on a cold pool made one ``getaddrinfo`` per
+    connection, and the resolver runs in a thread pool of four (libuv's, or the
+    loop's executor): 2,000 lookups of 20 ms each queue for ten seconds. Lookups of
+    one host in flight together share one; a failed lookup is not kept, and an
+    address that refuses a connection is looked up again next time.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ttl: float = DNS_TTL) -> None:
+        self.loop = loop
+        self.ttl = ttl
+        self._known: dict[tuple[str, int], tuple[float, _AddrInfo]] = {}
+        self._lookups: dict[tuple[str, int], asyncio.Task[_AddrInfo]] = {}
+        #: ``getaddrinfo`` calls made (tests).
+        self.lookups = 0
+
+    async def resolve(self, host: str, port: int) -> _AddrInfo:
+        key = (host, port)
+        known = self._known.get(key)
+        if known is not None and self.loop.time() - known[0] < self.ttl:
+            return known[1]
+        task = self._lookups.get(key)
+        if task is None:
+            task = self._lookups[key] = self.loop.create_task(self._lookup(key))
+            task.add_done_callback(_retrieved)  # every waiter may have given up before it failed
+        # Shielded: one caller giving up (its connect timeout) must not cancel the others' lookup.
+        return await asyncio.shield(task)
+
+    async def _lookup(self, key: tuple[str, int]) -> _AddrInfo:
+        self.lookups += 1
+        try:
+            infos = cast(_AddrInfo, await self.loop.getaddrinfo(key[0], key[1], type=socket.SOCK_STREAM))
+        finally:
+            del self._lookups[key]
+        if infos:
+            if len(self._known) >= _TARGET_CACHE_MAX:
+                self._known.clear()
+            self._known[key] = (self.loop.time(), infos)
+        return infos
+
+    def forget(self, host: str, port: int) -> None:
+        self._known.pop((host, port), None)
+
+
+def _retrieved(task: asyncio.Task[_AddrInfo]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class _Pool:
     """Keep-alive connections of one transport: at most ``limit`` open, idle ones reused LIFO.
 
@@ -418,6 +475,7 @@ class _Pool:
         self._waiters: deque[tuple[tuple[str, str, int], asyncio.Future[_Conn | None]]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._ssl: ssl.SSLContext | None = None
+        self.addresses = _Addresses(self.loop)
         self.closed = False
 
     def pop_idle(self, origin: tuple[str, str, int]) -> _Conn | None:
@@ -469,12 +527,16 @@ class _Pool:
         try:
             # Resolve and race the addresses ourselves (aiohappyeyeballs, which aiohttp uses
             # too): uvloop's create_connection tries them one by one with no stagger.
-            infos = await self.loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            infos = await self.addresses.resolve(target.host, target.port)
             if not infos:
                 raise ConnectError(f"cannot resolve {target.host}")
-            sock = await aiohappyeyeballs.start_connection(
-                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=self.loop
-            )
+            try:
+                sock = await aiohappyeyeballs.start_connection(
+                    infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=self.loop
+                )
+            except OSError:
+                self.addresses.forget(target.host, target.port)  # the host may have moved
+                raise
             if target.tls:
                 if self._ssl is None:
                     self._ssl = ssl.create_default_context()

@@ -554,6 +554,43 @@ def test_host_names_resolve_and_every_address_is_tried(run: Run) -> None:
     run(main)
 
 
+def test_a_burst_on_a_cold_pool_looks_the_host_up_once(run: Run) -> None:
+    async def main() -> None:
+        # 20 requests at once on a new transport open 20 connections, all to one lookup's answer.
+        async with RawServer(answer(0.05, ok(b"hi"), then="loop")) as srv, client(pool_size=20) as t:
+            url = srv.url.replace("127.0.0.1", "localhost")
+            assert await asyncio.gather(*(fetch(t, url) for _ in range(20))) == [b"hi"] * 20
+            assert srv.connections == 20
+            assert t._pool is not None and t._pool.addresses.lookups == 1
+
+    run(main)
+
+
+def test_addresses_are_looked_up_again_after_the_ttl_or_a_refused_connect(run: Run) -> None:
+    async def main() -> None:
+        async with client() as t:
+            # The server closes after each answer and says so: a new connection each time.
+            async with RawServer(answer(ok(b"hi", b"connection: close\r\n"))) as srv:
+                url = srv.url.replace("127.0.0.1", "localhost")
+                assert await fetch(t, url) == b"hi"
+                assert t._pool is not None
+                addresses = t._pool.addresses
+                assert await fetch(t, url) == b"hi"
+                assert addresses.lookups == 1  # within the TTL
+                addresses.ttl = 0.0
+                assert await fetch(t, url) == b"hi"
+                assert addresses.lookups == 2  # past it
+                addresses.ttl = 60.0
+            with pytest.raises(ConnectError):  # the server is gone: the known address fails and is dropped
+                await t.send(req(url))
+            assert addresses.lookups == 2
+            with pytest.raises(ConnectError):  # so the next connection looks the host up again
+                await t.send(req(url))
+            assert addresses.lookups == 3
+
+    run(main)
+
+
 def test_newline_in_a_header_is_refused(run: Run) -> None:
     async def main() -> None:
         async with client() as t:
