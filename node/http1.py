@@ -37,7 +37,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Final, cast
+from typing import Any, Final, cast
 from urllib.parse import quote, urlsplit
 
 import aiohappyeyeballs
@@ -525,30 +525,36 @@ class _Pool:
         conn = _Conn(self, target.origin)
         self.conns.add(conn)
         try:
-            # Resolve and race the addresses ourselves (aiohappyeyeballs, which aiohttp uses
-            # too): uvloop's create_connection tries them one by one with no stagger.
             infos = await self.addresses.resolve(target.host, target.port)
             if not infos:
                 raise ConnectError(f"cannot resolve {target.host}")
-            try:
-                sock = await aiohappyeyeballs.start_connection(
-                    infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=self.loop
-                )
-            except OSError:
-                self.addresses.forget(target.host, target.port)  # the host may have moved
-                raise
+            tls: dict[str, Any] = {}
             if target.tls:
                 if self._ssl is None:
                     self._ssl = ssl.create_default_context()
-                transport, _ = await self.loop.create_connection(
-                    lambda: conn,
-                    sock=sock,
-                    ssl=self._ssl,
-                    server_hostname=target.host,
-                    ssl_handshake_timeout=timeout,
-                )
-            else:
-                transport, _ = await self.loop.create_connection(lambda: conn, sock=sock)
+                tls = {"ssl": self._ssl, "server_hostname": target.host, "ssl_handshake_timeout": timeout}
+            try:
+                family, _, proto, _, address = infos[0]
+                scoped = len(address) > 3 and bool(address[3])
+                if len(infos) == 1 and not scoped:
+                    # One address, nothing to race: the loop's own connect (libuv's on uvloop)
+                    # costs half the CPU of a socket connected here and handed over, which
+                    # a cold pool pays once per stream of a burst. (An IPv6 address with a
+                    # scope id takes the other path: a host string would lose it.)
+                    transport, _ = await self.loop.create_connection(
+                        lambda: conn, str(address[0]), int(cast(int, address[1])),
+                        family=family, proto=proto, **tls,
+                    )
+                else:
+                    # Race them ourselves (aiohappyeyeballs, which aiohttp uses too):
+                    # uvloop's create_connection tries them one by one with no stagger.
+                    sock = await aiohappyeyeballs.start_connection(
+                        infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=self.loop
+                    )
+                    transport, _ = await self.loop.create_connection(lambda: conn, sock=sock, **tls)
+            except OSError:
+                self.addresses.forget(target.host, target.port)  # the host may have moved
+                raise
         except BaseException:
             conn.abort()
             raise

@@ -554,6 +554,30 @@ def test_host_names_resolve_and_every_address_is_tried(run: Run) -> None:
     run(main)
 
 
+def test_a_host_with_several_addresses_races_them(run: Run) -> None:
+    async def main() -> None:
+        # One address connects through the loop's own connect; several through happy eyeballs,
+        # which moves on from one that refuses.
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        dead_port = dead.getsockname()[1]
+        dead.close()
+        async with RawServer(answer(ok(b"hi"), then="loop")) as srv, client() as t:
+            loop = asyncio.get_running_loop()
+            real = loop.getaddrinfo
+
+            async def two_addresses(host: str, port: int, **kw: Any) -> list[tuple[Any, ...]]:
+                if host != "twice.test":  # uvloop's sock_connect resolves its address too
+                    return await real(host, port, **kw)
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p)) for p in (dead_port, port)]
+
+            loop.getaddrinfo = two_addresses  # type: ignore[method-assign]
+            assert await fetch(t, srv.url.replace("127.0.0.1", "twice.test")) == b"hi"
+            assert t._pool is not None and t._pool.count == 1
+
+    run(main)
+
+
 def test_a_burst_on_a_cold_pool_looks_the_host_up_once(run: Run) -> None:
     async def main() -> None:
         # 20 requests at once on a new transport open 20 connections, all to one lookup's answer.
