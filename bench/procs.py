@@ -171,6 +171,14 @@ def system_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor ran something else while this VM's CPUs wanted to run
+    (``steal`` on the ``cpu`` line of /proc/stat): time every process here lost at once."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()
+    return int(parts[8]) / CLK_TCK
+
+
 def children_cpu_seconds() -> float:
     """CPU of waited-for children (wrk), user+system."""
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -31,14 +31,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from . import wrk
-from .procs import ROOT, Proc, free_port, wait_workers
+from . import native, wrk
+from .procs import ROOT, Proc, children_cpu_seconds, free_port, steal_seconds, wait_workers
 
 #: ``cprofile`` is the tuned node under cProfile (its stats printed after the run): read shares, not times.
 GC_MODES = {
@@ -52,6 +53,8 @@ class StreamResult:
     worst_gap_s: float = 0.0
     events: int = 0
     error: str = ""
+    #: When the worst gap ended, seconds from the wave's start (the native generator's only).
+    worst_gap_at_s: float | None = None
 
 
 @dataclass
@@ -83,6 +86,11 @@ class Wave:
             "worst_gap_over_interval_p99": (pct(gaps, 99) or 0) / chunk_ms,
             "first_event_ms_p50": pct(firsts, 50),
             "first_event_ms_p99": pct(firsts, 99),
+            # Which second of the wave the over-target worst gaps (> 1.5 intervals) ended in:
+            # all in the ramp is set-up load, one second for every stream is a stall.
+            "late_gaps_by_second": _by_second(
+                s.worst_gap_at_s for s in ok if s.worst_gap_at_s is not None and s.worst_gap_s * 1000 > 1.5 * chunk_ms
+            ),
             "health_live_ms_max": max(self.live_ms) if self.live_ms else None,
             "health_live_ms_p50": statistics.median(self.live_ms) if self.live_ms else None,
             "wall_s": self.wall_s,
@@ -94,6 +102,13 @@ class Wave:
                 if (events := sum(s.events for s in self.streams)) else None
             ),
         }
+
+
+def _by_second(times: Iterable[float]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for t in times:
+        out[int(t)] = out.get(int(t), 0) + 1
+    return dict(sorted(out.items()))
 
 
 def pct(sorted_values: list[float], p: float) -> float | None:
@@ -195,17 +210,30 @@ async def _probe_live(port: int, stop: asyncio.Event, out: list[float]) -> None:
             await asyncio.wait_for(stop.wait(), 0.1)
 
 
+async def _native_streams(argv: list[str]) -> list[StreamResult]:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"sseload streams exited {proc.returncode}")
+    return [StreamResult(*native.parse_line(line)) for line in out.decode().splitlines()]
+
+
 async def wave(
-    port: int, n: int, ramp_s: float, timeout: float, *, probe: bool = True
+    port: int, n: int, ramp_s: float, timeout: float, *, probe: bool = True,
+    native_argv: list[str] | None = None,
 ) -> tuple[list[StreamResult], list[float], float]:
+    """One wave of ``n`` streams; with ``native_argv``, ``sseload streams`` generates them."""
     results = [StreamResult() for _ in range(n)]
     live: list[float] = []
     stop = asyncio.Event()
     prober = asyncio.create_task(_probe_live(port, stop, live) if probe else stop.wait())
     t0 = time.perf_counter()
-    await asyncio.gather(*(
-        _one_stream(port, ramp_s * i / n, timeout, r) for i, r in enumerate(results)
-    ))
+    if native_argv is not None:
+        results = await _native_streams(native_argv)
+    else:
+        await asyncio.gather(*(
+            _one_stream(port, ramp_s * i / n, timeout, r) for i, r in enumerate(results)
+        ))
     wall = time.perf_counter() - t0
     stop.set()
     await prober
@@ -255,8 +283,9 @@ def _config(port: int, upstream_port: int, streams: int) -> dict[str, Any]:
 
 
 def _own_cpu() -> float:
+    """This process's CPU and its waited-for children's: the native generator's is the latter."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    return ru.ru_utime + ru.ru_stime + children_cpu_seconds()
 
 
 def raise_nofile() -> None:
@@ -284,6 +313,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
                    "stays per worker (HAPAX_BENCH_UNSHARED_WORKERS): limits do not matter here")
     p.add_argument("--direct", action="store_true",
                    help="first a wave straight at the upstream (no node): what the generator and upstream add")
+    p.add_argument("--load", choices=("native", "python"), default="native",
+                   help="the upstream and generator: compiled from bench/sseload.c (native, the default: "
+                   "they cost the shared cores least) or bench/upstream.py and this module's asyncio generator")
     p.add_argument("--no-save", action="store_true")
     return p.parse_args(argv)
 
@@ -314,16 +346,27 @@ def main(argv: list[str]) -> int:
     # The generator's own collections would show up as gaps: it keeps little, so it does without.
     gc.disable()
     up_port = free_port()
-    upstream = Proc("upstream", [sys.executable, "-m", "bench.upstream", "--port", str(up_port),
-                                 "--chunks", str(a.chunks), "--chunk-ms", str(a.chunk_ms)],
-                    tmp, cpus=load_cpus, env=env)
+    binary = native.build(tmp) if a.load == "native" else None
+    if binary is not None:
+        up_argv = native.upstream_argv(binary, tmp, up_port, a.chunks, a.chunk_ms)
+    else:
+        up_argv = [sys.executable, "-m", "bench.upstream", "--port", str(up_port),
+                   "--chunks", str(a.chunks), "--chunk-ms", str(a.chunk_ms)]
+    upstream = Proc("upstream", up_argv, tmp, cpus=load_cpus, env=env)
+
+    def generator(port: int) -> list[str] | None:
+        if binary is None:
+            return None
+        return native.streams_argv(binary, tmp, port, _request(port), a.streams, a.ramp_s, timeout)
+
     waves: list[Wave] = []
     try:
         upstream.wait_port(up_port)
         if a.direct:
-            own0, up0 = _own_cpu(), upstream.cpu()
-            results, live, wall = run(wave(up_port, a.streams, a.ramp_s, timeout, probe=False))
-            cpu = {"generator": _own_cpu() - own0, "upstream": upstream.cpu() - up0}
+            own0, up0, st0 = _own_cpu(), upstream.cpu(), steal_seconds()
+            results, live, wall = run(wave(up_port, a.streams, a.ramp_s, timeout, probe=False,
+                                               native_argv=generator(up_port)))
+            cpu = {"generator": _own_cpu() - own0, "upstream": upstream.cpu() - up0, "steal": steal_seconds() - st0}
             w = Wave("direct", results, live, wall, {}, {k: round(100 * v / wall, 1) for k, v in cpu.items()})
             waves.append(w)
             print(json.dumps(w.summary(a.chunk_ms)), flush=True)
@@ -340,10 +383,11 @@ def main(argv: list[str]) -> int:
                 wait_workers(port, a.workers)
                 for _ in range(a.waves):
                     before = _node_gc(port)
-                    cpu0, own0, up0 = node.cpu(), _own_cpu(), upstream.cpu()
-                    results, live, wall = run(wave(port, a.streams, a.ramp_s, timeout))
+                    cpu0, own0, up0, st0 = node.cpu(), _own_cpu(), upstream.cpu(), steal_seconds()
+                    results, live, wall = run(wave(port, a.streams, a.ramp_s, timeout,
+                                                       native_argv=generator(port)))
                     cpu = {"node": node.cpu() - cpu0, "generator": _own_cpu() - own0,
-                           "upstream": upstream.cpu() - up0}
+                           "upstream": upstream.cpu() - up0, "steal": steal_seconds() - st0}
                     after = _node_gc(port)
                     node.check()
                     w = Wave(mode, results, live, wall,
@@ -379,7 +423,7 @@ _GEN2_PAUSE = 'python_gc_pause_seconds_sum{generation="2"}'
 def render(rows: list[dict[str, Any]]) -> str:
     head = (f"{'gc':<8} {'ok':>6} {'errors':>6} {'gap p50':>8} {'gap p99':>8} {'gap max':>8} "
             f"{'first p50':>9} {'first p99':>9} {'live max':>8} {'gen2 n':>6} {'gen2 pause s':>12} "
-            f"{'node %':>6} {'gen %':>5} {'node us/event':>13}")
+            f"{'node %':>6} {'gen %':>5} {'up %':>5} {'steal %':>7} {'node us/event':>13}")
     lines = [head, "-" * len(head)]
     for r in rows:
         g = r["node_gc"]
@@ -389,9 +433,15 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"{_f(r['first_event_ms_p99'], 9)} {_f(r['health_live_ms_max'])} "
             f"{g.get(_GEN2_N, 0):>6.0f} {g.get(_GEN2_PAUSE, 0):>12.3f} "
             f"{r['core_pct'].get('node', 0):>6.0f} {r['core_pct'].get('generator', 0):>5.0f} "
+            f"{r['core_pct'].get('upstream', 0):>5.0f} {r['core_pct'].get('steal', 0):>7.0f} "
             f"{_f(r['node_cpu_us_per_event'], 13)}"
         )
-    lines.append("(ms; gap = a stream's worst interval between two event reads; first = request sent -> first event)")
+    for i, r in enumerate(rows, 1):
+        if late := r.get("late_gaps_by_second"):
+            lines.append(f"row {i}: streams whose worst gap passed 1.5 intervals, by the second it ended in: "
+                         + ", ".join(f"{sec} s: {n}" for sec, n in late.items()))
+    lines.append("(ms; gap = a stream's worst interval between two event reads; first = request sent -> first event;\n"
+                 " %: of one core over the wave; steal: CPU the hypervisor gave to other guests meanwhile)")
     return "\n".join(lines)
 
 
