@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from . import profile, wrk
+from . import native, profile, wrk
 from .procs import (
     ROOT,
     Proc,
@@ -154,6 +154,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="each wrk connection waits a random 0 to twice this many ms after a response before its next "
         "request, keeping the load under saturation so p50/p99 are a request's own latency, not queueing "
         "(0: none)",
+    )
+    p.add_argument(
+        "--upstream", choices=("python", "native"), default="python",
+        help="the canned upstream: bench/upstream.py (python, the default) or the same replies from "
+        "bench/sseload.c (native: about a third of the CPU per request, which --workers 1,2 then leaves "
+        "to the node)",
     )
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     return p.parse_args(argv)
@@ -396,11 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     profiles: dict[str, Any] = {}
     started = dt.datetime.now().astimezone()
     try:
-        procs["upstream"] = Proc(
-            "upstream",
-            [sys.executable, "-m", "bench.upstream", "--port", str(up_port), "--chunks", str(a.chunks)],
-            tmp, cpus=load_cpus, env=env,
-        )
+        if a.upstream == "native":
+            up_argv = native.upstream_argv(native.build(tmp), tmp, up_port, a.chunks, 0.0)
+        else:
+            up_argv = [sys.executable, "-m", "bench.upstream", "--port", str(up_port), "--chunks", str(a.chunks)]
+        procs["upstream"] = Proc("upstream", up_argv, tmp, cpus=load_cpus, env=env)
         procs["upstream"].wait_port(up_port)
         if "hapax-redis" in targets:
             procs["redis"] = Proc(
