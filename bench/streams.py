@@ -1,14 +1,19 @@
 """``python -m bench streams``: thousands of concurrent slow streams through one node.
 
-The upstream (bench/upstream.py ``--chunk-ms``) writes each stream's chunks at a
-fixed interval, as a model generating tokens does. A bounded asyncio load
-generator (this process, raw sockets) opens ``--streams`` connections over
-``--ramp-s`` seconds, sends one streaming chat completion on each and reads it
-to the end. For every stream it records when the first event arrived (after
-the request was sent) and the worst gap between two reads that carried
-events; a stall anywhere in the node (a long GC pause, a blocked loop) shows
-up as a gap far above the chunk interval on every stream open at the time.
-A probe meanwhile times ``GET /health/live`` every 100 ms.
+The upstream writes each stream's chunks at a fixed interval, as a model
+generating tokens does. A bounded load generator opens ``--streams``
+connections over ``--ramp-s`` seconds, sends one streaming chat completion on
+each and reads it to the end. For every stream it records when the first event
+arrived (after the request was sent) and the worst gap between two reads that
+carried events; a stall anywhere in the node (a long GC pause, a blocked loop)
+shows up as a gap far above the chunk interval on every stream open at the
+time. A probe meanwhile times ``GET /health/live`` every 100 ms.
+
+Both the upstream and the generator are ``bench/sseload.c`` by default
+(``--load native``, built by ``bench.native``): they share the machine's cores
+with the node, and in C they take half of what the asyncio pair
+(``bench/upstream.py --chunk-ms`` and ``_StreamReader`` here, ``--load python``)
+takes.
 
 ``--gc tuned,default`` runs the node with its GC tuning (``node.server.tune_gc``)
 and without, one after the other in the same run, so the two can be compared
