@@ -330,6 +330,16 @@ class GatewayMetrics:
         self.in_flight = r.add(Gauge(
             "hapax_requests_in_flight", "Requests being handled right now.",
         ))
+        self.redis_round_trip = r.add(Histogram(
+            "hapax_redis_round_trip_seconds",
+            "Shared state's round trips to Redis, from the write to the last reply; each carries every "
+            "operation one event-loop iteration queued.",
+            buckets=OVERHEAD_BUCKETS,
+        ))
+        self.redis_operations = r.add(Counter(
+            "hapax_redis_operations_total",
+            "Shared-state operations sent to Redis (reservations, settlements, slot, dedup and health calls).",
+        ))
         self.degraded = r.add(Gauge(
             "hapax_degraded", "1 while a shared-state dependency is unreachable and its failure policy applies.",
             ("dependency",), merge="max",  # across workers: degraded if any worker is

@@ -52,7 +52,7 @@ from hapax.config import (
     read_api_key_files,
 )
 from hapax.routing import Dispatcher
-from hapax.state import AccessState, FailoverState, MemoryState, RedisState
+from hapax.state import AccessState, Batcher, FailoverState, MemoryState, RedisState
 
 from . import limits, logs, peers
 from .cluster import ClusterMember
@@ -314,6 +314,7 @@ class Node:
             degraded = self.gateway.metrics.degraded
             degraded.set("redis", to=0)
             state.on_change = lambda down: degraded.set("redis", to=1 if down else 0)
+            self._count_redis(state.shared.batch)
         logs.WRITER.on_drop = self.gateway.metrics.log_lines_dropped.inc
         if self.cluster is not None:
             self.cluster.attach(self.gateway)
@@ -331,6 +332,21 @@ class Node:
         self.addresses: list[str] = []
         #: The HTTP/3 door, when ``server.http3.enabled`` (read at start-up only).
         self.h3: Http3Door | None = None
+
+    def _count_redis(self, batch: Batcher) -> None:
+        """Round trips to Redis observed as they end; operations read off the batcher at each scrape."""
+        m = self.gateway.metrics
+        batch.on_round_trip = m.redis_round_trip.observe
+        m.redis_round_trip.zero()
+        m.redis_operations.zero()
+        sent = 0
+
+        def collect() -> None:
+            nonlocal sent
+            m.redis_operations.inc(by=batch.operations - sent)
+            sent = batch.operations
+
+        m.registry.on_collect(collect)
 
     async def _snapshot(self) -> bytes:
         """This worker's values for a sibling: copied on the loop, encoded in a thread."""

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from tests.gateway_process import ROOT, GatewayProcess
+from tests.reliability_support import metrics
 from tests.upstreams.server import UpstreamServer, UpstreamState
 
 
@@ -245,3 +246,23 @@ async def test_a_node_killed_holding_slots_gives_them_back_within_the_lease(
     assert status == 200
     up.release.set()
     await other.close()
+
+
+async def test_metrics_show_the_round_trips_to_redis_and_the_operations_they_carry(
+    gateway: Callable[..., GatewayProcess], redis_url: str
+) -> None:
+    node = gateway(node_config(redis_url, limits={"concurrent": 10}))
+    before = metrics(node.url)
+    [c] = clients(node)
+    for i in range(10):  # one at a time: each reservation waits for a round trip of its own
+        assert await call(c, i) == 200
+    await c.close()
+    after = metrics(node.url)
+    trips = after["hapax_redis_round_trip_seconds_count"] - before["hapax_redis_round_trip_seconds_count"]
+    ops = after["hapax_redis_operations_total"] - before["hapax_redis_operations_total"]
+    assert 10 <= trips <= ops
+    assert ops >= 20  # a reservation and a settlement (the slot returned) per call
+    assert 0 < after["hapax_redis_round_trip_seconds_sum"] - before["hapax_redis_round_trip_seconds_sum"] < trips
+    assert after['hapax_redis_round_trip_seconds_bucket{le="+Inf"}'] == after["hapax_redis_round_trip_seconds_count"]
+    plain = gateway(node_config(redis_url) | {"state": {}})
+    assert not any(k.startswith("hapax_redis_") for k in metrics(plain.url))  # memory state: none

@@ -27,7 +27,7 @@ from ._base import (
     StateUnavailable,
     StateView,
 )
-from ._batch import RedisUnavailable
+from ._batch import Batcher, RedisUnavailable
 from ._budget import BudgetDenied, BudgetGrant, BudgetLedger, BudgetScope, day_of, month_of, seconds_to_period_end
 from ._bus import Bus
 from ._dedup import Codec, InFlight, MemoryInFlight, dedup_key
@@ -54,6 +54,7 @@ __all__ = [
     "AccessStateBreaker",
     "Alternatives",
     "Ask",
+    "Batcher",
     "BudgetDenied",
     "BudgetGrant",
     "BudgetLedger",

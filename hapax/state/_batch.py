@@ -19,6 +19,8 @@ Scripts are loaded once (``SCRIPT LOAD``) and called by SHA; a ``NOSCRIPT`` repl
 (a restarted or flushed Redis) loads them again and resends that batch once.
 Every round trip is bounded by ``timeout``; past it, or on any connection error
 or error reply, every operation of the batch fails with ``RedisUnavailable``.
+Each round trip that gets its replies is reported to ``on_round_trip`` (seconds
+from the write to the last reply), which the node makes a histogram of.
 """
 
 from __future__ import annotations
@@ -141,10 +143,13 @@ class Batcher:
         self._count = 0
         self._reloaded = False
         self._timer: asyncio.TimerHandle | None = None
+        self._sent_at = 0.0
         self._quiet: asyncio.Future[None] | None = None
-        #: Round trips and operations sent, for the benchmark's figures.
+        #: Round trips and operations sent (the node's ``hapax_redis_operations_total``).
         self.round_trips = 0
         self.operations = 0
+        #: Told each answered round trip's seconds, write to last reply (reloads and resends included).
+        self.on_round_trip: Callable[[float], None] | None = None
         for s in scripts:
             self.add(s)
 
@@ -201,7 +206,8 @@ class Batcher:
         self._chunks, self._count = chunks, n
         self.round_trips += 1
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + self._timeout, self._expired)
+        self._sent_at = now = loop.time()
+        self._timer = loop.call_at(now + self._timeout, self._expired)
         wire = self._wire
         if wire is not None and wire.usable:
             wire.send(chunks, n)
@@ -231,6 +237,8 @@ class Batcher:
             self._spawn(self._reload_and_send())
             return
         batch = self._batch
+        if self.on_round_trip is not None:
+            self.on_round_trip(asyncio.get_running_loop().time() - self._sent_at)
         for r in replies:
             if isinstance(r, BaseException):
                 self._fail(batch, r, drop=False)  # an error reply: the stream is still in step
