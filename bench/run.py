@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,24 @@ class Row:
     target: str
     wrk: wrk.WrkResult
     cpu_s: dict[str, float] = field(default_factory=dict)
+    #: Which pass over the targets (``--rounds``) measured it, from 0.
+    round: int = 0
+    #: Reads redis-server processed during the run (its ``total_reads_processed``): round trips.
+    redis_reads: int | None = None
+    #: The node's own view of them: ``hapax_redis_round_trip_seconds`` sum and count over the run.
+    redis_trips: tuple[float, float] | None = None
+
+    def redis_rtt_ms(self) -> float | None:
+        if self.redis_trips is None or not self.redis_trips[1]:
+            return None
+        return self.redis_trips[0] / self.redis_trips[1] * 1000
+
+    def redis_per_request(self) -> tuple[float, float] | None:
+        """For a target on Redis state: redis-server's CPU µs and reads (round trips) per request."""
+        s = self.cpu_s.get("redis")
+        if s is None or self.redis_reads is None or not self.target.startswith("hapax-redis") or not self.wrk.requests:
+            return None
+        return s * 1e6 / self.wrk.requests, self.redis_reads / self.wrk.requests
 
     def server_cpu_us(self) -> float | None:
         """µs of CPU per request in the process under test (the upstream itself for ``direct``)."""
@@ -76,12 +95,16 @@ class Row:
             "mode": self.mode,
             "connections": self.connections,
             "target": self.target,
+            "round": self.round,
             "wrk": self.wrk.as_dict(),
             "cpu_seconds": self.cpu_s,
             "server_cpu_us_per_request": self.server_cpu_us(),
             "upstream_cpu_us_per_request": self.upstream_cpu_us(),
             "server_core_utilisation_pct": self.core_util(),
             "foreign_cpu_pct_of_one_core": self.foreign_pct(),
+            "redis_reads": self.redis_reads,
+            "redis_round_trips": self.redis_trips,
+            "redis_round_trip_mean_ms": self.redis_rtt_ms(),
         }
 
 
@@ -137,8 +160,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--workers",
         default="1",
         help="Hapax worker processes; a comma list (1,2) runs a node per count in one run (targets "
-        "hapax, hapax-w2, ...; memory state). Above 1 nothing is pinned (the workers need every core) "
-        "and each worker keeps its own state (HAPAX_BENCH_UNSHARED_WORKERS): the bench's limits never refuse",
+        "hapax, hapax-w2, ...). Above 1 nothing is pinned (the workers need every core). On memory state "
+        "each worker keeps its own (HAPAX_BENCH_UNSHARED_WORKERS): the bench's limits never refuse; with "
+        "--state redis the workers share Redis as in production (targets hapax-redis, hapax-redis-w2, ...)",
     )
     p.add_argument(
         "--dedup",
@@ -160,6 +184,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         help="the canned upstream: bench/upstream.py (python, the default) or the same replies from "
         "bench/sseload.c (native: about a third of the CPU per request, which --workers 1,2 then leaves "
         "to the node)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="passes over the targets per mode and connection count, in alternating order; the ratios "
+        "are taken within each pass and their median printed (1). On a shared VM one pass can swing 2x; "
+        "a ratio of two targets measured seconds apart, repeated, is the figure to read",
     )
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/<timestamp>.json")
     return p.parse_args(argv)
@@ -229,6 +259,35 @@ def _wait_quiet(procs: dict[str, Proc], limit_s: float) -> float:
             return waited
 
 
+def redis_reads(port: int) -> int | None:
+    """redis-server's ``total_reads_processed``: one per read of a client's socket, so per batch."""
+    try:
+        out = subprocess.run(["redis-cli", "-p", str(port), "info", "stats"], capture_output=True, text=True,
+                             timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("total_reads_processed:"):
+            return int(line.split(":", 1)[1])
+    return None
+
+
+def redis_trips(url: str) -> tuple[float, float] | None:
+    """The node's ``hapax_redis_round_trip_seconds`` sum and count (``url`` is its chat URL)."""
+    base = url.split("/v1/", 1)[0]
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"hapax_redis_round_trip_seconds_{part} "):
+                found[part] = float(line.split()[1])
+    return (found["sum"], found["count"]) if len(found) == 2 else None
+
+
 def _git_state() -> dict[str, Any]:
     """Which code was measured: HEAD and the files under hapax/ and node/ changed since (read-only git)."""
     import subprocess
@@ -245,36 +304,46 @@ def _git_state() -> dict[str, Any]:
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    # A missing figure keeps the column's alignment and width: ">10.0f" -> ">10".
+    return format("-", spec.split(".")[0]) if v is None else format(v, spec)
 
 
 def render(rows: list[Row]) -> str:
     head = (
-        f"{'mode':<10} {'conns':>5} {'target':<11} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'mode':<10} {'conns':>5} {'target':<14} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'CPU us/req':>10} {'core %':>6} {'upstr us/req':>12} {'errors':>6} {'foreign %':>9}"
     )
+    shared = any(r.redis_per_request() for r in rows)
+    if shared:
+        head += f" {'redis us/req':>12} {'trips/req':>9} {'trip ms':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         w = r.wrk
         errs = w.errors_connect + w.errors_read + w.errors_write + w.errors_timeout + w.non_2xx
-        lines.append(
-            f"{r.mode:<10} {r.connections:>5} {r.target:<11} {w.rps:>9.0f} {w.p50_ms:>8.2f} {w.p99_ms:>8.2f} "
+        line = (
+            f"{r.mode:<10} {r.connections:>5} {r.target:<14} {w.rps:>9.0f} {w.p50_ms:>8.2f} {w.p99_ms:>8.2f} "
             f"{_fmt(r.server_cpu_us(), '>10.0f')} {_fmt(r.core_util(), '>6.0f')} "
             f"{_fmt(r.upstream_cpu_us(), '>12.0f')} {errs:>6} {_fmt(r.foreign_pct(), '>9.0f')}"
         )
+        if shared:
+            per = r.redis_per_request()
+            line += (f" {_fmt(per[0] if per else None, '>12.0f')} {_fmt(per[1] if per else None, '>9.2f')}"
+                     f" {_fmt(r.redis_rtt_ms(), '>7.2f')}")
+        lines.append(line)
     return "\n".join(lines)
 
 
 def ratios(rows: list[Row]) -> list[dict[str, Any]]:
+    """Per mode, connection count and round: the figures that compare targets measured in one pass."""
     out: list[dict[str, Any]] = []
-    groups: dict[tuple[str, int], dict[str, Row]] = {}
+    groups: dict[tuple[str, int, int], dict[str, Row]] = {}
     for r in rows:
-        groups.setdefault((r.mode, r.connections), {})[r.target] = r
-    for (mode, conns), g in groups.items():
-        h = g.get("hapax") or g.get("hapax-nolog")
+        groups.setdefault((r.mode, r.connections, r.round), {})[r.target] = r
+    for (mode, conns, rnd), g in groups.items():
+        h = g.get("hapax") or g.get("hapax-nolog") or g.get("hapax-redis")
         if h is None:
             continue
-        entry: dict[str, Any] = {"mode": mode, "connections": conns}
+        entry: dict[str, Any] = {"mode": mode, "connections": conns, "round": rnd}
         on, off = g.get("hapax"), g.get("hapax-nolog")
         if on is not None and off is not None and (c_on := on.server_cpu_us()) and (c_off := off.server_cpu_us()):
             entry["access_log_cpu_us_per_request"] = c_on - c_off
@@ -291,8 +360,14 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
             entry[f"p50_added_vs_{base}_ms"] = h.wrk.p50_ms - b.wrk.p50_ms
             entry[f"p99_added_vs_{base}_ms"] = h.wrk.p99_ms - b.wrk.p99_ms
         for t, r in g.items():
-            if t.startswith("hapax-w") and on is not None and on.wrk.rps:
-                entry[f"rps_{t.removeprefix('hapax-')}_over_w1"] = r.wrk.rps / on.wrk.rps
+            # hapax-w2 over hapax (memory state), hapax-redis-w2 over hapax-redis (shared state).
+            stem, sep, count = t.rpartition("-w")
+            one = g.get(stem) if sep and count.isdigit() and stem.startswith("hapax") else None
+            if one is not None and one.wrk.rps:
+                kind = stem.removeprefix("hapax").lstrip("-")
+                entry[f"rps_{kind + '_' if kind else ''}w{count}_over_w1"] = r.wrk.rps / one.wrk.rps
+                if (c1 := one.server_cpu_us()) and (cn := r.server_cpu_us()):
+                    entry[f"cpu_{kind + '_' if kind else ''}w{count}_over_w1"] = cn / c1
         p, hc = g.get("proxy"), h.server_cpu_us()
         if p is not None and hc is not None and (pc := p.server_cpu_us()):
             entry["cpu_per_request_hapax_over_proxy"] = hc / pc
@@ -300,10 +375,31 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
+def medians(rs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Over rounds, per mode and connection count: each figure's median, and its range."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for e in rs:
+        groups.setdefault((e["mode"], e["connections"]), []).append(e)
+    out: list[dict[str, Any]] = []
+    for (mode, conns), es in groups.items():
+        if len(es) < 2:
+            continue
+        entry: dict[str, Any] = {"mode": mode, "connections": conns, "rounds": len(es)}
+        for k in es[0]:
+            vals = [e[k] for e in es if isinstance(e.get(k), float)]
+            if vals:
+                entry[k] = statistics.median(vals)
+                entry[k + "_range"] = (min(vals), max(vals))
+        out.append(entry)
+    return out
+
+
 def render_ratios(rs: list[dict[str, Any]]) -> str:
     lines = []
     for e in rs:
-        parts = [f"{e['mode']:<10} c={e['connections']:<4}"]
+        rounds = e.get("rounds")
+        label = f"median of {rounds}" if rounds else (f"round {e['round'] + 1}" if "round" in e else "")
+        parts = [f"{e['mode']:<10} c={e['connections']:<4}{label:<13}"]
         if "rps_hapax_over_direct" in e:
             parts.append(f"req/s Hapax/direct {e['rps_hapax_over_direct']:.2f}")
             parts.append(f"p50 +{e['p50_added_vs_direct_ms']:.2f} ms vs direct")
@@ -313,13 +409,20 @@ def render_ratios(rs: list[dict[str, Any]]) -> str:
         if "cpu_per_request_hapax_over_proxy" in e:
             parts.append(f"CPU/req Hapax/proxy {e['cpu_per_request_hapax_over_proxy']:.2f}")
         for k, v in e.items():
-            if k.startswith("rps_w") and k.endswith("_over_w1"):
-                parts.append(f"req/s {k[4:-8]}/w1 {v:.2f}")
+            if k.startswith("rps_") and k.endswith("_over_w1"):
+                name = k[4:-8].replace("_", " ")
+                cpu = e.get("cpu_" + k[4:])
+                spread = e.get(k + "_range")
+                parts.append(f"req/s {name}/w1 {v:.2f}" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
+                             + (f", CPU/req {cpu:.2f}" if cpu else ""))
         if "access_log_cpu_us_per_request" in e:
             parts.append(f"access log {e['access_log_cpu_us_per_request']:+.0f} us/req")
         if "redis_state_cpu_us_per_request" in e:
-            parts.append(f"Redis state vs memory {e['redis_state_cpu_us_per_request']:+.0f} us/req, "
-                         f"p50 {e['redis_state_p50_added_ms']:+.2f} ms, p99 {e['redis_state_p99_added_ms']:+.2f} ms")
+            spread = e.get("redis_state_cpu_us_per_request_range")
+            parts.append(f"Redis state vs memory {e['redis_state_cpu_us_per_request']:+.0f} us/req"
+                         + (f" ({spread[0]:+.0f} to {spread[1]:+.0f})" if spread else "")
+                         + f", p50 {e['redis_state_p50_added_ms']:+.2f} ms"
+                         + f", p99 {e['redis_state_p99_added_ms']:+.2f} ms")
         lines.append("  ".join(parts))
     return "\n".join(lines)
 
@@ -345,8 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     worker_counts = [int(w) for w in str(a.workers).split(",") if w]
     if not worker_counts or any(w < 1 for w in worker_counts):
         raise SystemExit("--workers takes counts of at least 1")
-    #: Each multi-worker target: its worker count (access log on, memory state).
-    multi = {f"hapax-w{w}": w for w in worker_counts if w > 1}
+    #: Each multi-worker target: its worker count (access log on), one per --state (hapax-w2, hapax-redis-w2).
+    multi = {f"hapax{STATE_VARIANTS[v]}-w{w}": w for w in worker_counts if w > 1 for v in states}
+    if a.rounds < 1:
+        raise SystemExit("--rounds takes a count of at least 1")
     if "hapax" in targets:
         i = targets.index("hapax")
         # The log variants run on memory state; Redis state runs as users run it (log on).
@@ -387,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg["limits"] = BENCH_LIMITS
         if a.dedup == "off":
             cfg["reliability"] = {"dedup": {"enabled": False}}
-        if name == "hapax-redis":
+        if name.startswith("hapax-redis"):
             cfg["state"] = {"cluster": "bench", "redis": {"url": f"redis://127.0.0.1:{redis_port}/0"}}
         cfg_paths[name] = tmp / f"{name}.yaml"
         cfg_paths[name].write_text(yaml.safe_dump(cfg))
@@ -408,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             up_argv = [sys.executable, "-m", "bench.upstream", "--port", str(up_port), "--chunks", str(a.chunks)]
         procs["upstream"] = Proc("upstream", up_argv, tmp, cpus=load_cpus, env=env)
         procs["upstream"].wait_port(up_port)
-        if "hapax-redis" in targets:
+        if any(t.startswith("hapax-redis") for t in targets):
             procs["redis"] = Proc(
                 "redis",
                 ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
@@ -428,9 +533,10 @@ def main(argv: list[str] | None = None) -> int:
             if name in targets:
                 count = multi.get(name, 1)
                 extra = ["--workers", str(count)] if count > 1 else []
+                unshared = count > 1 and not name.startswith("hapax-redis")
                 procs[name] = Proc(
                     name, [a.python, "-m", "node", "serve", "--config", str(cfg_paths[name]), *extra], tmp,
-                    cpus=gw_cpus, env={**env, "HAPAX_BENCH_UNSHARED_WORKERS": "1"} if count > 1 else env,
+                    cpus=gw_cpus, env={**env, "HAPAX_BENCH_UNSHARED_WORKERS": "1"} if unshared else env,
                 )
                 procs[name].wait_http(f"http://127.0.0.1:{port}/health/ready")
                 wait_workers(port, count)
@@ -439,23 +545,31 @@ def main(argv: list[str] | None = None) -> int:
 
         for mode in modes:
             for conns in conns_list:
-                for t in targets:
+                # Each round reverses the last's order, so drift over the run falls on both sides alike.
+                passes = [(rnd, t) for rnd in range(a.rounds) for t in (targets if rnd % 2 == 0 else targets[::-1])]
+                for rnd, t in passes:
                     kw = {"connections": conns, "threads": min(a.wrk_threads, conns), "cpus": load_cpus}
                     if a.wait_quiet > 0:
                         _wait_quiet(procs, a.wait_quiet)
                     if a.warmup > 0:
                         wrk.run(urls[t], scripts[mode], duration=a.warmup, **kw)
                     before = {n: p.cpu() for n, p in procs.items()}
+                    reads0 = redis_reads(redis_port) if "redis" in procs else None
+                    trips0 = redis_trips(urls[t]) if t.startswith("hapax-redis") else None
                     sys0, wrk0 = system_busy_seconds(), children_cpu_seconds()
                     res, _ = wrk.run(urls[t], scripts[mode], duration=a.duration, **kw)
                     sys1, wrk1 = system_busy_seconds(), children_cpu_seconds()
+                    reads1 = redis_reads(redis_port) if "redis" in procs else None
+                    trips1 = redis_trips(urls[t]) if t.startswith("hapax-redis") else None
                     cpu = {n: p.cpu() - before[n] for n, p in procs.items()}
                     cpu["wrk"] = wrk1 - wrk0
                     # Everything busy on the machine that is not ours: other users' work skews results.
                     cpu["foreign"] = max(0.0, (sys1 - sys0) - sum(cpu.values()))
                     for p in procs.values():
                         p.check()
-                    row = Row(mode, conns, t, res, cpu)
+                    row = Row(mode, conns, t, res, cpu, round=rnd,
+                              redis_reads=reads1 - reads0 if reads0 is not None and reads1 is not None else None,
+                              redis_trips=(trips1[0] - trips0[0], trips1[1] - trips0[1]) if trips0 and trips1 else None)
                     rows.append(row)
                     print(render([row]).splitlines()[-1], flush=True)
 
@@ -490,7 +604,11 @@ def main(argv: list[str] | None = None) -> int:
               "their figures are low; rerun when the machine is quiet.")
     print()
     rs = ratios(rows)
+    summary = medians(rs)
     print(render_ratios(rs))
+    if summary:
+        print()
+        print(render_ratios(summary))
     for mode, prof in profiles.items():
         print()
         print(f"Hapax profile ({mode}): {prof.get('summary_path')}")
@@ -509,12 +627,13 @@ def main(argv: list[str] | None = None) -> int:
                 "duration_s": a.duration, "warmup_s": a.warmup, "connections": conns_list,
                 "wrk_threads": a.wrk_threads, "chunks": a.chunks, "modes": modes, "targets": targets,
                 "hapax_auth": a.auth, "access_log": logs, "state": a.state, "dedup": a.dedup, "workers": worker_counts,
-                "pace_ms": a.pace_ms,
+                "pace_ms": a.pace_ms, "rounds": a.rounds,
                 "pinning": {"gateway_and_proxy": gw_cpus, "upstream_and_wrk": load_cpus},
                 "request_bytes": {m: len(wrk.request_body(m == "stream")) for m in MODES},
             },
             "results": [r.as_dict() for r in rows],
             "ratios": rs,
+            "ratio_medians": summary,
             "profiles": {m: {k: v for k, v in p.items() if k != "text"} for m, p in profiles.items()},
         }, indent=2))
         print(f"\nwrote {out.relative_to(ROOT)}")
