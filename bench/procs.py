@@ -59,6 +59,21 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def preemptions(pid: int) -> int:
+    """Involuntary context switches of ``pid`` and its live children (all threads), from /proc."""
+    total = 0
+    for p in (pid, *children(pid)):
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/status") as f:
+                    for line in f:
+                        if line.startswith("nonvoluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+        except OSError:
+            continue  # exited meanwhile
+    return total
+
+
 class Proc:
     """A child process, optionally pinned with taskset (which execs, so the pid is the server's)."""
 
@@ -83,6 +98,10 @@ class Proc:
     def cpu(self) -> float:
         """CPU of the process and its children (a node's workers, when it has several)."""
         return tree_cpu_seconds(self.pid)
+
+    def preemptions(self) -> int:
+        """Times the scheduler took a core from the process (and its workers) while it could run."""
+        return preemptions(self.pid)
 
     def check(self) -> None:
         if self.proc.poll() is not None:

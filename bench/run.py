@@ -55,6 +55,8 @@ class Row:
     round: int = 0
     #: Reads redis-server processed during the run (its ``total_reads_processed``): round trips.
     redis_reads: int | None = None
+    #: Involuntary context switches of the process under test (all its workers) during the run.
+    preempted: int | None = None
     #: The node's own view of them: ``hapax_redis_round_trip_seconds`` sum and count over the run.
     redis_trips: tuple[float, float] | None = None
 
@@ -103,6 +105,7 @@ class Row:
             "server_core_utilisation_pct": self.core_util(),
             "foreign_cpu_pct_of_one_core": self.foreign_pct(),
             "redis_reads": self.redis_reads,
+            "preemptions": self.preempted,
             "redis_round_trips": self.redis_trips,
             "redis_round_trip_mean_ms": self.redis_rtt_ms(),
         }
@@ -311,7 +314,7 @@ def _fmt(v: float | None, spec: str) -> str:
 def render(rows: list[Row]) -> str:
     head = (
         f"{'mode':<10} {'conns':>5} {'target':<14} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'CPU us/req':>10} {'core %':>6} {'upstr us/req':>12} {'errors':>6} {'foreign %':>9}"
+        f"{'CPU us/req':>10} {'core %':>6} {'upstr us/req':>12} {'errors':>6} {'foreign %':>9} {'preempt/req':>11}"
     )
     shared = any(r.redis_per_request() for r in rows)
     if shared:
@@ -323,7 +326,8 @@ def render(rows: list[Row]) -> str:
         line = (
             f"{r.mode:<10} {r.connections:>5} {r.target:<14} {w.rps:>9.0f} {w.p50_ms:>8.2f} {w.p99_ms:>8.2f} "
             f"{_fmt(r.server_cpu_us(), '>10.0f')} {_fmt(r.core_util(), '>6.0f')} "
-            f"{_fmt(r.upstream_cpu_us(), '>12.0f')} {errs:>6} {_fmt(r.foreign_pct(), '>9.0f')}"
+            f"{_fmt(r.upstream_cpu_us(), '>12.0f')} {errs:>6} {_fmt(r.foreign_pct(), '>9.0f')} "
+            f"{_fmt(r.preempted / w.requests if r.preempted is not None and w.requests else None, '>11.3f')}"
         )
         if shared:
             per = r.redis_per_request()
@@ -554,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
                     if a.warmup > 0:
                         wrk.run(urls[t], scripts[mode], duration=a.warmup, **kw)
                     before = {n: p.cpu() for n, p in procs.items()}
+                    gw = procs.get("upstream" if t == "direct" else t)
+                    pre0 = gw.preemptions() if gw is not None else None
                     reads0 = redis_reads(redis_port) if "redis" in procs else None
                     trips0 = redis_trips(urls[t]) if t.startswith("hapax-redis") else None
                     sys0, wrk0 = system_busy_seconds(), children_cpu_seconds()
@@ -562,12 +568,13 @@ def main(argv: list[str] | None = None) -> int:
                     reads1 = redis_reads(redis_port) if "redis" in procs else None
                     trips1 = redis_trips(urls[t]) if t.startswith("hapax-redis") else None
                     cpu = {n: p.cpu() - before[n] for n, p in procs.items()}
+                    pre = gw.preemptions() - pre0 if gw is not None and pre0 is not None else None
                     cpu["wrk"] = wrk1 - wrk0
                     # Everything busy on the machine that is not ours: other users' work skews results.
                     cpu["foreign"] = max(0.0, (sys1 - sys0) - sum(cpu.values()))
                     for p in procs.values():
                         p.check()
-                    row = Row(mode, conns, t, res, cpu, round=rnd,
+                    row = Row(mode, conns, t, res, cpu, round=rnd, preempted=pre,
                               redis_reads=reads1 - reads0 if reads0 is not None and reads1 is not None else None,
                               redis_trips=(trips1[0] - trips0[0], trips1[1] - trips0[1]) if trips0 and trips1 else None)
                     rows.append(row)
