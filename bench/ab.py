@@ -68,6 +68,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=500, help="slow mode: concurrent streams per wave (500)")
     p.add_argument("--chunk-ms", type=float, default=100.0, help="slow mode: ms between a stream's chunks")
     p.add_argument("--connections", type=int, default=50)
+    p.add_argument("--pace-ms", type=float, default=0.0,
+                   help="each wrk connection waits a random 0 to twice this many ms between requests (as "
+                   "python -m bench --pace-ms): latency below saturation (0: none)")
     p.add_argument("--rounds", type=int, default=4, help="alternations before/after (4)")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per target per round (5)")
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each (1)")
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hapax-ab-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     up_port = free_port()
-    script = wrk.write_script(tmp, a.mode == "stream")
+    script = wrk.write_script(tmp, a.mode == "stream", pace_ms=a.pace_ms)
     slow = a.mode == "slow"
     up_extra = ["--chunk-ms", str(a.chunk_ms)] if slow else []
     if slow:
@@ -235,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         if not slow:
             for s in sides:
                 _sanity(s.name, s.url, a.chunks)
-        print(f"{a.mode}, c={a.connections}, access log {a.access_log}, state {a.state or 'none'}, "
+        print(f"{a.mode}, c={a.connections}" + (f", paced {a.pace_ms:g} ms" if a.pace_ms else "")
+              + f", access log {a.access_log}, state {a.state or 'none'}, "
               f"dedup {a.dedup}, {a.rounds} rounds of "
               f"{a.duration:g}s; before {a.before}, after {a.after}", flush=True)
         for r in range(a.rounds):

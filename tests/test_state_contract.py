@@ -381,6 +381,42 @@ async def test_a_kept_connection_redis_closed_while_idle_is_replaced_before_the_
     assert st.batch.round_trips == 2
 
 
+async def test_a_settlement_makes_no_round_trip_of_its_own_once_the_connection_has_answered(
+    redis_env: Env,
+) -> None:
+    # A settlement's reply is read by nobody: after the first answered call it is written with
+    # CLIENT REPLY SKIP, so a call ending on a quiet node costs one write and no wake-up.
+    st = await redis_env.make()
+    assert isinstance(st, RedisState)
+    ask = Ask((key(RateLimits(concurrent=1)),), (BudgetScope("key", "k1", Budget(daily_usd=1.0)),), usd=0.01)
+    g = grant(await st.reserve(ask))
+    for _ in range(5):
+        await st.settle(g, tokens=0, usd=0.02)
+        await asyncio.sleep(0.01)  # nothing else queued: the settlement leaves alone
+        g = grant(await st.reserve(ask))  # the one slot is free again: the settlement ran first
+    assert st.batch.round_trips == 6 and st.batch.operations == 11
+    await st.release(g)
+    view = await st.view((key(RateLimits(concurrent=1)),), (BudgetScope("key", "k1", Budget(daily_usd=1.0)),))
+    assert view.rate[("key", "k1")].in_flight == 0
+    (_, spent), = [v for (kind, id_, period), v in view.used.items() if len(period) == 10]
+    assert spent == pytest.approx(0.10)  # five settled at 0.02 each, the released one nothing
+
+
+async def test_the_first_settlement_on_a_new_connection_waits_for_its_reply(redis_env: Env) -> None:
+    # Skipping a reply could hide a NOSCRIPT, so a connection that has not yet answered a call
+    # of ours (a Redis restart, an idle timeout) gets settlements as ordinary round trips.
+    st = await redis_env.make()
+    assert isinstance(st, RedisState)
+    ask = Ask((key(RateLimits(concurrent=1)),))
+    g = grant(await st.reserve(ask))
+    assert await st.client.client_kill_filter(_type="normal", skipme=True) >= 1
+    await asyncio.sleep(0.05)  # the close reaches this process
+    await st.settle(g, tokens=0, usd=0.0)
+    await st.batch.drain()
+    assert st.batch.round_trips == 2
+    grant(await st.reserve(ask))  # and it reached Redis: the slot is free
+
+
 async def test_a_round_trip_past_the_timeout_fails_and_the_next_goes_on_a_new_connection(redis_url: str) -> None:
     st = RedisState.from_url(redis_url, cluster="slow", timeout=0.2)
     try:

@@ -260,7 +260,7 @@ async def test_metrics_show_the_round_trips_to_redis_and_the_operations_they_car
     after = metrics(node.url)
     trips = after["hapax_redis_round_trip_seconds_count"] - before["hapax_redis_round_trip_seconds_count"]
     ops = after["hapax_redis_operations_total"] - before["hapax_redis_operations_total"]
-    assert 10 <= trips <= ops
+    assert 10 <= trips < 15  # a round trip for each reservation; settlements wait for no reply
     assert ops >= 20  # a reservation and a settlement (the slot returned) per call
     assert 0 < after["hapax_redis_round_trip_seconds_sum"] - before["hapax_redis_round_trip_seconds_sum"] < trips
     assert after['hapax_redis_round_trip_seconds_bucket{le="+Inf"}'] == after["hapax_redis_round_trip_seconds_count"]

@@ -39,6 +39,9 @@ from redis.exceptions import InvalidResponse, NoScriptError, RedisError
 
 from ._base import StateUnavailable
 
+#: ``CLIENT REPLY SKIP``: Redis sends no reply for it nor for the command after it.
+_SKIP = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n"
+
 _Op: TypeAlias = tuple[Any, "asyncio.Future[Any]", Callable[[BaseException], None] | None]
 _Batch: TypeAlias = list[list[_Op]]
 
@@ -87,6 +90,10 @@ class _Wire(asyncio.Protocol):
         self._want, self._replies = n, []
         self.transport.writelines(chunks)
 
+    def write(self, chunks: list[bytes]) -> None:
+        """Commands whose replies Redis will not send (``CLIENT REPLY SKIP``): nothing to wait for."""
+        self.transport.writelines(chunks)
+
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while True:
@@ -132,6 +139,9 @@ class Batcher:
         self._sources: list[bytes] = []
         # Per script, the RESP of ``EVALSHA <sha> 0`` up to its one argument.
         self._heads: list[bytes] = []
+        # Whether the kept connection has shown Redis knows our scripts (a reply without NOSCRIPT):
+        # only then may a script's reply be skipped, since a skipped NOSCRIPT would go unseen.
+        self._verified = False
         self._pending: _Batch = []
         self._scheduled = False
         self._sending = False
@@ -174,11 +184,21 @@ class Batcher:
 
         On failure the future raises ``RedisUnavailable``; or, given ``on_error``, that
         is called instead and the future resolves to ``None`` (work nobody waits on).
+
+        Work nobody waits on (given ``on_error``: settlements, releases, renewals) has no reply
+        to read, so once the kept connection has answered a call of ours it is written after
+        ``CLIENT REPLY SKIP``, its own ``EVALSHA`` ahead of the script's other operations: Redis
+        sends nothing back for it, it does not wait for a batch on the wire, and a batch of
+        nothing else makes no round trip. Its future then resolves to ``None`` once written; a
+        failure is no longer seen (a connection lost before Redis read it, a ``SCRIPT FLUSH`` in
+        between), which costs what a failed settlement always did: the leases it would have ended
+        expire, a token correction is lost.
         """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         self._pending[script].append((op, fut, on_error))
-        if not self._scheduled and not self._sending:
+        # While a batch is on the wire the next one gathers, except what needs no reply.
+        if not self._scheduled and (not self._sending or (self._verified and on_error is not None)):
             self._scheduled = True
             loop.call_soon(self._flush)
         return fut
@@ -187,34 +207,63 @@ class Batcher:
 
     def _flush(self) -> None:
         self._scheduled = False
-        if self._sending or not any(self._pending):
+        if not any(self._pending):
+            return
+        wire = self._wire
+        skip = self._verified and wire is not None and wire.usable
+        if self._sending and not skip:
             return
         batch = self._pending
         self._pending = [[] for _ in batch]
-        self._sending = True
-        self._batch, self._reloaded = batch, False
-        # Lua's cmsgpack knows no bin type: bytes (a dedup result) go as raw strings, as Lua
-        # holds them; str packs the same either way.
+        silent: list[bytes] = []
         chunks: list[bytes] = []
         n = 0
         for i, ops in enumerate(batch):
-            if ops:
-                packed = msgpack.packb([op for op, _, _ in ops], use_bin_type=False)
-                chunks += (self._heads[i], b"$%d\r\n" % len(packed), packed, b"\r\n")
-                n += 1
-                self.operations += len(ops)
+            if not ops:
+                continue
+            if skip:
+                quiet = [o for o in ops if o[2] is not None]
+                if quiet:
+                    ops = batch[i] = [o for o in ops if o[2] is None]
+                    silent.append(_SKIP)
+                    silent += self._command(i, quiet)
+                    for _, fut, _ in quiet:
+                        if not fut.done():
+                            fut.set_result(None)
+                    if not ops:
+                        continue
+            if self._sending:  # waits for the batch on the wire
+                self._pending[i], batch[i] = ops, []
+                continue
+            chunks += self._command(i, ops)
+            n += 1
+        if not n:
+            if silent:
+                assert wire is not None
+                wire.write(silent)
+            return
+        self._sending = True
+        self._batch, self._reloaded = batch, False
         self._chunks, self._count = chunks, n
         self.round_trips += 1
         loop = asyncio.get_running_loop()
         self._sent_at = now = loop.time()
         self._timer = loop.call_at(now + self._timeout, self._expired)
-        wire = self._wire
         if wire is not None and wire.usable:
-            wire.send(chunks, n)
+            # What needs no reply goes first: a settlement reaches Redis before a later reservation.
+            wire.send(silent + chunks if silent else chunks, n)
         else:
             # Redis may have closed the kept connection while it was idle: a new one before
             # the write, never a resend after it (a batch Redis ran must not run twice).
             self._spawn(self._connect_and_send())
+
+    def _command(self, script: int, ops: list[_Op]) -> tuple[bytes, ...]:
+        """``EVALSHA`` of ``script`` over ``ops``, as RESP."""
+        # Lua's cmsgpack knows no bin type: bytes (a dedup result) go as raw strings, as Lua
+        # holds them; str packs the same either way.
+        packed = msgpack.packb([op for op, _, _ in ops], use_bin_type=False)
+        self.operations += len(ops)
+        return self._heads[script], b"$%d\r\n" % len(packed), packed, b"\r\n"
 
     async def _connect_and_send(self) -> None:
         batch = self._batch
@@ -231,11 +280,15 @@ class Batcher:
         self._wire.send(self._chunks, self._count)
 
     def _on_replies(self, replies: list[Any]) -> None:
-        if any(isinstance(r, NoScriptError) for r in replies) and not self._reloaded:
-            # Redis lost its script cache (restart, SCRIPT FLUSH): load and send again, once.
-            self._reloaded = True
-            self._spawn(self._reload_and_send())
-            return
+        if any(isinstance(r, NoScriptError) for r in replies):
+            self._verified = False
+            if not self._reloaded:
+                # Redis lost its script cache (restart, SCRIPT FLUSH): load and send again, once.
+                self._reloaded = True
+                self._spawn(self._reload_and_send())
+                return
+        else:
+            self._verified = True
         batch = self._batch
         if self.on_round_trip is not None:
             self.on_round_trip(asyncio.get_running_loop().time() - self._sent_at)
@@ -306,6 +359,7 @@ class Batcher:
             self._quiet.set_result(None)
 
     def _drop(self) -> None:
+        self._verified = False
         wire, self._wire = self._wire, None
         if wire is not None:
             wire.close()

@@ -13,9 +13,11 @@ the keys); buckets and leases use Redis's own clock.
 
 Settle and release are queued for the current batch and return at once: they
 only correct a reservation already made, so a response does not wait a round
-trip for them, and each pipeline sends settles before reservations, so a call's
-settle reaches Redis before any reservation queued after it. ``aclose`` sends
-what is queued before it closes.
+trip for them, and each write puts settles before reservations, so a call's
+settle reaches Redis before any reservation queued after it. Nobody reads what
+they return, so once the kept connection has answered a call they go out with
+``CLIENT REPLY SKIP`` (``_batch.Batcher.submit``): no round trip of their own.
+``aclose`` sends what is queued before it closes.
 
 Errors: a call that fails or outlasts ``timeout`` raises ``StateUnavailable``
 from ``reserve``; a failed settle or release is logged and dropped, since the
