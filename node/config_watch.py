@@ -21,6 +21,7 @@ logged and yielded as a ``ConfigRejected``, and the next round runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -103,11 +104,11 @@ class FileConfigSource(ConfigSource):
 
     async def _round(self) -> ConfigEvent | None:
         interval = self._interval()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._poked.wait(), interval)
-            forced = True
-        except TimeoutError:
-            forced = False
+        # Asked by the event, not by how the wait ended: a poke that lands as the wait times
+        # out would otherwise be cleared unseen, and that SIGHUP would do nothing.
+        forced = self._poked.is_set()
         self._poked.clear()
         stamp = file_stamp(self.path)
         if not forced:
