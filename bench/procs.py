@@ -182,6 +182,22 @@ def wait_workers(port: int, n: int, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def listeners(port: int) -> int:
+    """Sockets listening on TCP ``port`` of 127.0.0.1 (one per worker with ``SO_REUSEPORT``), from /proc."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as f:
+        return sum(1 for line in f if (cols := line.split())[1] == want and cols[3] == "0A")
+
+
+def wait_listeners(port: int, n: int, timeout: float = 30.0) -> None:
+    """Until ``n`` sockets listen on ``port``: every worker of a ``SO_REUSEPORT`` server takes connections."""
+    deadline = time.monotonic() + timeout
+    while (seen := listeners(port)) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {seen} of {n} workers listen on port {port}")
+        time.sleep(0.05)
+
+
 def system_busy_seconds() -> float:
     """CPU seconds all CPUs spent busy (not idle/iowait), from the ``cpu`` line of /proc/stat."""
     with open("/proc/stat") as f:

@@ -30,6 +30,7 @@ from .procs import (
     free_port,
     interpreter_info,
     system_busy_seconds,
+    wait_listeners,
     wait_workers,
 )
 
@@ -364,9 +365,10 @@ def ratios(rows: list[Row]) -> list[dict[str, Any]]:
             entry[f"p50_added_vs_{base}_ms"] = h.wrk.p50_ms - b.wrk.p50_ms
             entry[f"p99_added_vs_{base}_ms"] = h.wrk.p99_ms - b.wrk.p99_ms
         for t, r in g.items():
-            # hapax-w2 over hapax (memory state), hapax-redis-w2 over hapax-redis (shared state).
+            # hapax-w2 over hapax (memory state), hapax-redis-w2 over hapax-redis (shared state),
+            # proxy-w2 over proxy (the yardstick: how far any aiohttp server scales here).
             stem, sep, count = t.rpartition("-w")
-            one = g.get(stem) if sep and count.isdigit() and stem.startswith("hapax") else None
+            one = g.get(stem) if sep and count.isdigit() and stem.startswith(("hapax", "proxy")) else None
             if one is not None and one.wrk.rps:
                 kind = stem.removeprefix("hapax").lstrip("-")
                 entry[f"rps_{kind + '_' if kind else ''}w{count}_over_w1"] = r.wrk.rps / one.wrk.rps
@@ -454,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--workers takes counts of at least 1")
     #: Each multi-worker target: its worker count (access log on), one per --state (hapax-w2, hapax-redis-w2).
     multi = {f"hapax{STATE_VARIANTS[v]}-w{w}": w for w in worker_counts if w > 1 for v in states}
+    #: The bare proxy with as many processes: how far workers scale on this machine at all.
+    proxy_multi = {f"proxy-w{w}": w for w in worker_counts if w > 1} if "proxy" in targets else {}
     if a.rounds < 1:
         raise SystemExit("--rounds takes a count of at least 1")
     if "hapax" in targets:
@@ -463,10 +467,13 @@ def main(argv: list[str] | None = None) -> int:
             "hapax" + STATE_VARIANTS[v] for v in states if v != "memory"
         ]
         targets[i : i + 1] = (one if 1 in worker_counts else []) + list(multi)
+    if proxy_multi:
+        i = targets.index("proxy")
+        targets[i : i + 1] = (["proxy"] if 1 in worker_counts else []) + list(proxy_multi)
     modes = [a.only] if a.only else list(MODES)
     conns_list = [int(c) for c in str(a.connections).split(",")]
     ncpu = os.cpu_count() or 1
-    pin = not a.no_pin and ncpu >= 2 and not multi
+    pin = not a.no_pin and ncpu >= 2 and not multi and not proxy_multi
     gw_cpus = a.gateway_cpus if pin else None
     load_cpus = a.load_cpus if pin else None
 
@@ -480,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hapax-bench-"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
     up_port, proxy_port = free_port(), free_port()
+    proxy_ports = {"proxy": proxy_port, **{name: free_port() for name in proxy_multi}}
     hapax_ports = {name: free_port() for name in (*HAPAX_VARIANTS.values(), "hapax-redis", *multi)}
     redis_port = free_port()
     pool = max(100, max(conns_list))
@@ -503,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     scripts = {m: wrk.write_script(tmp, m == "stream", api_key, pace_ms=a.pace_ms) for m in MODES}
     urls = {
         "direct": f"http://127.0.0.1:{up_port}/v1/chat/completions",
-        "proxy": f"http://127.0.0.1:{proxy_port}/v1/chat/completions",
+        **{name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in proxy_ports.items()},
         **{name: f"http://127.0.0.1:{port}/v1/chat/completions" for name, port in hapax_ports.items()},
     }
     procs: dict[str, Proc] = {}
@@ -525,14 +533,17 @@ def main(argv: list[str] | None = None) -> int:
                 tmp, cpus=load_cpus, env=env,
             )
             procs["redis"].wait_port(redis_port)
-        if "proxy" in targets:
-            procs["proxy"] = Proc(
-                "proxy",
-                [a.python, "-m", "bench.proxy", "--port", str(proxy_port),
-                 "--upstream", f"http://127.0.0.1:{up_port}"],
-                tmp, cpus=gw_cpus, env=env,
-            )
-            procs["proxy"].wait_port(proxy_port)
+        for name, port in proxy_ports.items():
+            if name in targets:
+                count = proxy_multi.get(name, 1)
+                procs[name] = Proc(
+                    name,
+                    [a.python, "-m", "bench.proxy", "--port", str(port), "--upstream", f"http://127.0.0.1:{up_port}",
+                     "--workers", str(count)],
+                    tmp, cpus=gw_cpus, env=env,
+                )
+                procs[name].wait_port(port)
+                wait_listeners(port, count)
         for name, port in hapax_ports.items():
             if name in targets:
                 count = multi.get(name, 1)
@@ -580,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(render([row]).splitlines()[-1], flush=True)
 
-        hapax_proc = procs.get("hapax") or procs.get("hapax-nolog")
+        hapax_proc = procs.get("hapax") or procs.get("hapax-nolog") or next(
+            (p for n, p in procs.items() if n.startswith("hapax")), None)  # e.g. hapax-redis alone
         if a.profile and hapax_proc is not None:
             for mode in modes:
                 conns = conns_list[-1]
