@@ -1,7 +1,7 @@
 """coordinator.connect against real etcd servers: several endpoints, TLS with client certificates,
 user and password, and a Coordinator on such a client.
 
-The certificates are made here (a throwaway CA, a server certificate for
+The certificates are made per run (``tests.certs``: a throwaway CA, a server certificate for
 127.0.0.1 and ``localhost``, a client certificate); the TLS etcd requires the
 client certificate (``--client-cert-auth``), so a connection without one fails.
 """
@@ -9,8 +9,6 @@ client certificate (``--client-cert-auth``), so a connection without one fails.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import shutil
 import ssl
 import subprocess
@@ -22,47 +20,12 @@ from pathlib import Path
 import aetcd
 import pytest
 from aetcd import rpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from coordinator import Coordinator, connect
 from hapax.config import EtcdConfig
+from tests.certs import make_certs
 from tests.etcd_server import EtcdServer
 from tests.redis_server import free_port
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-
-
-def make_certs(d: Path) -> None:
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("hapax test CA")).issuer_name(_name("hapax test CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for who, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(_name(who)).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([
-                    x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        (d / f"{who}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(d / f"{who}-key.pem", key)
 
 
 class TlsEtcd(EtcdServer):
