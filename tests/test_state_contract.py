@@ -434,6 +434,25 @@ async def test_a_round_trip_past_the_timeout_fails_and_the_next_goes_on_a_new_co
         await st.aclose()
 
 
+async def test_a_round_trip_gets_its_whole_timeout_whenever_it_starts(redis_url: str) -> None:
+    # One watchdog bounds every round trip in turn: one sent just before it fires for an
+    # earlier round trip is not failed early, and is failed once its own timeout has passed.
+    st = RedisState.from_url(redis_url, cluster="watchdog", timeout=0.3)
+    try:
+        ask = Ask((key(RateLimits(requests_per_minute=5)),))
+        grant(await st.reserve(ask))  # arms the watchdog for 0.3 s from now
+        await asyncio.sleep(0.2)
+        await st.client.execute_command("CLIENT", "PAUSE", "800", "ALL")
+        t0 = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await st.reserve(ask)
+        waited = time.monotonic() - t0
+        assert 0.28 <= waited < 0.6, waited
+    finally:
+        await asyncio.sleep(0.6)  # the pause ends before the state closes
+        await st.aclose()
+
+
 async def test_a_settle_reaches_the_state_before_a_reservation_made_after_it(env: Env) -> None:
     # A client whose call just ended sends its next one at once: its own slot must be free,
     # even when the settle and the next reservation go to Redis in the same round trip.
