@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -58,7 +57,8 @@ from hapax.state import (
     Script,
     dedup_key,
 )
-from tests.redis_server import RedisServer
+
+from .procs import pinned_redis
 
 ASK = Ask((Scope("global", "", RateLimits(requests_per_minute=10**9, tokens_per_minute=10**12, concurrent=10**6)),),
           (), tokens=300, usd=0.0)
@@ -128,10 +128,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3000, help="requests per variant per round")
     ap.add_argument("--rounds", type=int, default=8)
     a = ap.parse_args()
-    server = RedisServer().start()
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1 and server.proc is not None:
-        os.sched_setaffinity(server.proc.pid, {1})
-        os.sched_setaffinity(0, {0})
+    server = pinned_redis()
     cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     try:
         for rnd in range(a.rounds):

@@ -13,6 +13,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.redis_server import RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -21,6 +23,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def pinned_redis() -> RedisServer:
+    """A redis-server of its own on a free loopback port, on core 1, and this process on core 0:
+    on a shared core Redis's wake-ups would be billed to the client under test."""
+    server = RedisServer().start()
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1 and server.proc is not None:
+        os.sched_setaffinity(server.proc.pid, {1})
+        os.sched_setaffinity(0, {0})
+    return server
 
 
 def _stat(pid: int) -> list[bytes]:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
 import socket
 from collections.abc import Awaitable, Callable
 
 import uvloop
 
-from tests.redis_server import RedisServer
+from .procs import pinned_redis
 
 _PING = b"*1\r\n$4\r\nPING\r\n"
 _REPLY_OFF = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$3\r\nOFF\r\n"
@@ -107,10 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000, help="operations per measurement")
     a = ap.parse_args()
-    server = RedisServer().start()
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1 and server.proc is not None:
-        os.sched_setaffinity(server.proc.pid, {1})
-        os.sched_setaffinity(0, {0})
+    server = pinned_redis()
     try:
         print(f"blocking socket, round trip   {blocking(server.port, a.n):6.1f} us CPU")
         print(f"asyncio loop, round trip      {asyncio.run(round_trips(server.port, a.n)):6.1f} us CPU")

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 
 import uvloop
 
 from hapax.config import Budget, RateLimits
 from hapax.state import AccessState, Ask, BudgetScope, Grant, MemoryState, RedisState, Scope
-from tests.redis_server import RedisServer
+
+from .procs import pinned_redis
 
 ASK = Ask(
     (
@@ -58,11 +58,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=20000)
     ap.add_argument("--callers", type=int, default=32)
     a = ap.parse_args()
-    server = RedisServer().start()
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1 and server.proc is not None:
-        # Client on one core, Redis on the other: a shared core bills Redis's wake-ups to us.
-        os.sched_setaffinity(server.proc.pid, {1})
-        os.sched_setaffinity(0, {0})
+    server = pinned_redis()
     try:
         for name, make in (("memory", MemoryState), ("redis", lambda: RedisState.from_url(server.url, timeout=2.0))):
             for callers in sorted({1, a.callers}):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -70,3 +71,17 @@ def chat(url: str, content: str = "hi", *, stream: bool = False, headers: dict[s
     if stream:
         body["stream"] = True
     return httpx.post(url + "/v1/chat/completions", json=body, headers=headers or {}, timeout=timeout)
+
+
+def lead_and_follow(lead_url: str, follow_url: str, up: UpstreamState,
+                    following: Callable[[], bool]) -> tuple[httpx.Response, httpx.Response]:
+    """The same question to two nodes: the first's call is held upstream until the second
+    follows it (``following``), then let go. Both responses, leader's first."""
+    up.faults.append({"hold": 20})
+    with ThreadPoolExecutor(2) as pool:
+        lead = pool.submit(chat, lead_url, "same question", timeout=30)
+        wait_for(lambda: chats(up.seen) == 1, what="the leader's call upstream")
+        follow = pool.submit(chat, follow_url, "same question", timeout=30)
+        wait_for(following, what="the other node following")
+        up.release.set()
+        return lead.result(30), follow.result(30)

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 
 from hapax.state import DEDUP_LUA, Bus, Codec, RedisBreaker, RedisInFlight, Script
 from tests.gateway_process import GatewayProcess
-from tests.reliability_support import chat, chats, metric, wait_for
+from tests.reliability_support import chat, chats, lead_and_follow, metric, wait_for
 from tests.upstreams.server import UpstreamServer, UpstreamState
 
 
@@ -49,14 +49,7 @@ def test_identical_requests_on_two_nodes_share_one_upstream_call(
     server, up = openai_upstream
     cfg = _config(redis_url, server.url)
     a, b = gateway(cfg), gateway(cfg)
-    up.faults.append({"hold": 20})
-    with ThreadPoolExecutor(2) as pool:
-        lead = pool.submit(chat, a.url, "same question", timeout=30)
-        wait_for(lambda: chats(up.seen) == 1, what="the leader's call upstream")
-        follow = pool.submit(chat, b.url, "same question", timeout=30)
-        wait_for(lambda: _followers(redis_url) == 1, what="the other node following")
-        up.release.set()
-        ra, rb = lead.result(30), follow.result(30)
+    ra, rb = lead_and_follow(a.url, b.url, up, lambda: _followers(redis_url) == 1)
     assert ra.status_code == rb.status_code == 200
     assert chats(up.seen) == 1  # one upstream call for both nodes
     assert rb.json()["choices"] == ra.json()["choices"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import secrets
 import tempfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import redis
 from tests.certs import make_certs
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer, TLSFiles
-from tests.reliability_support import chat, chats, metrics, wait_for
+from tests.reliability_support import chats, lead_and_follow, metrics
 from tests.test_state_http import clients, spread
 from tests.upstreams.server import UpstreamServer, UpstreamState
 
@@ -114,14 +113,7 @@ def test_identical_requests_on_two_nodes_share_one_call_over_tls(
         "state": {"cluster": "tls-dedup", "redis": reach},
     }
     a, b = gateway(cfg), gateway(cfg)
-    up.faults.append({"hold": 20})
-    with ThreadPoolExecutor(2) as pool:
-        lead = pool.submit(chat, a.url, "same question", timeout=30)
-        wait_for(lambda: chats(up.seen) == 1, what="the leader's call upstream")
-        follow = pool.submit(chat, b.url, "same question", timeout=30)
-        wait_for(lambda: _followers(reach, "acme:tls-dedup:dd:f:*") == 1, what="the other node following")
-        up.release.set()
-        ra, rb = lead.result(30), follow.result(30)
+    ra, rb = lead_and_follow(a.url, b.url, up, lambda: _followers(reach, "acme:tls-dedup:dd:f:*") == 1)
     assert ra.status_code == rb.status_code == 200
     assert chats(up.seen) == 1  # one upstream call for both nodes
     assert rb.headers["x-hapax-dedup"] == "shared"
