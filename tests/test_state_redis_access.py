@@ -58,8 +58,7 @@ def tls_redis(servers: Callable[..., RedisServer], tmp_path: Path) -> dict[str, 
     server = servers(tls=TLSFiles(tmp_path / "server.pem", tmp_path / "server-key.pem", tmp_path / "ca.pem"),
                      password=password)
     assert server.url.startswith("rediss://")
-    return {"url": server.url, "password": password, "tls_ca_file": str(tmp_path / "ca.pem"),
-                    "key_prefix": "acme"}
+    return {"url": server.url, "password": password, "tls_ca_file": str(tmp_path / "ca.pem"), "key_prefix": "acme"}
 
 
 def _direct(reach: dict[str, Any]) -> redis.Redis:
@@ -144,11 +143,14 @@ async def test_two_nodes_share_limits_through_a_unix_socket(
     gateway: Callable[..., GatewayProcess], servers: Callable[..., RedisServer]
 ) -> None:
     # A short path: a unix socket's path is limited to about a hundred bytes.
-    sock = Path(tempfile.mkdtemp(prefix="hapax-rs-")) / "redis.sock"
-    servers(unix_socket=sock)
-    cfg = _config({"url": f"unix://{sock}?db=0"}, cluster="unix",
-                  limits={"requests_per_minute": 4, "on_redis_failure": "fail_closed"})
-    a, b = gateway(cfg), gateway(cfg)
-    codes = await spread(clients(a, b), 10)
-    assert codes.count(200) == 4 and codes.count(429) == 6, codes
-    assert [_degraded(n) for n in (a, b)] == [0.0, 0.0]
+    with tempfile.TemporaryDirectory(prefix="hapax-rs-") as d:
+        sock = Path(d) / "redis.sock"
+        servers(unix_socket=sock)
+        cfg = _config({"url": f"unix://{sock}?db=0"}, cluster="unix",
+                      limits={"requests_per_minute": 4, "on_redis_failure": "fail_closed"})
+        a, b = gateway(cfg), gateway(cfg)
+        codes = await spread(clients(a, b), 10)
+        assert codes.count(200) == 4 and codes.count(429) == 6, codes
+        assert [_degraded(n) for n in (a, b)] == [0.0, 0.0]
+        for n in (a, b):
+            n.stop()  # before the socket's directory goes
